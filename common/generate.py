@@ -1,0 +1,285 @@
+"""Generate an OGBench dataset locally with the scripted oracles that ship in the `ogbench` package.
+
+For machines without internet (clusters, CI): writes the same two files OGBench publishes
+(`<name>.npz` for training and `<name>-val.npz` for validation) with the same keys and dtypes:
+observations, actions, terminals (bool), qpos, qvel and, for scene/puzzle, button_states (int64).
+`ogbench.make_env_and_datasets(env_name, dataset_path=...)` then loads them with the real single-task reward
+relabeling, exactly like a downloaded file.
+
+    python -m common.generate --env-name cube-single-play-v0 --episodes 100 --num-workers 2 \
+        --out data/cube-single-play-100ep.npz
+
+Supported: the manipulation 'play' datasets (cube-*, scene, puzzle-*) and pointmaze 'navigate'. A single-task name
+(`cube-single-play-singletask-task2-v0`) names the same dataset. Episodes follow OGBench's own generation recipe:
+`--episodes` training episodes plus episodes // 10 validation episodes (at least 1), each `--episode-length` steps
+(1001 in every official dataset, so 1000 episodes make the official 1M transitions). Differences from the official
+generator: every episode is seeded from (--seed, episode index), so the files do not depend on --num-workers but are
+not bit-identical to the published ones; small runs get at least one validation episode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# The dataset families whose oracle ships in the `ogbench` package, as (name pattern, dataset type).
+GENERATABLE = (
+    (r"(cube-(single|double|triple|quadruple|octuple)|scene|puzzle-\d+x\d+)", "play"),
+    (r"pointmaze-(medium|large|giant|teleport)", "navigate"),
+)
+
+
+def dataset_name_of(env_name: str) -> str:
+    """'cube-single-play-singletask-task2-v0' -> 'cube-single-play-v0' (the file every task of it shares)."""
+    parts = env_name.split("-")
+    if "singletask" in parts:
+        pos = parts.index("singletask")
+        parts = parts[:pos] + parts[-1:]
+    return "-".join(parts)
+
+
+def generation_target(env_name: str) -> tuple[str, str]:
+    """Map a dataset or single-task name to (gym id of the data-collection env, dataset type), or raise ValueError."""
+    name = dataset_name_of(env_name)
+    base, dataset_type, version = (["", ""] + name.rsplit("-", 2))[-3:]
+    for pattern, family_type in GENERATABLE:
+        if dataset_type == family_type and re.fullmatch(pattern, base):
+            return f"{base}-{version}", dataset_type
+    raise ValueError(
+        f"cannot generate '{name}' locally: the ogbench package ships oracles only for the manipulation 'play' "
+        "datasets (cube-single/double/triple/quadruple, scene, puzzle-3x3/4x4/4x5/4x6) and pointmaze-* 'navigate'. "
+        "Locomotion datasets (antmaze, humanoidmaze, antsoccer) need OGBench's trained experts: download them on a "
+        "machine with internet (ogbench.download_datasets) and copy the .npz files over."
+    )
+
+
+def generation_command(env_name: str, out: str, episodes: int = 1000, num_workers: int = 8) -> str:
+    """The exact shell command that generates the dataset of `env_name` at `out`."""
+    return (
+        f"python -m common.generate --env-name {dataset_name_of(env_name)} --episodes {episodes} "
+        f"--num-workers {num_workers} --out {out}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One episode per call. A worker builds its environment and oracles once (in `_init_worker`) and keeps them.
+# ---------------------------------------------------------------------------------------------------------------------
+_worker: dict = {}
+
+
+def _init_worker(gym_id: str, dataset_type: str, episode_length: int, seed: int, render: bool) -> None:
+    import gymnasium
+
+    import ogbench  # noqa: F401  (registers the environments)
+
+    kwargs = dict(terminate_at_goal=False, max_episode_steps=episode_length)
+    if dataset_type == "play":
+        kwargs["mode"] = "data_collection"
+    env = gymnasium.make(gym_id, **kwargs)
+    _worker.update(env=env, gym_id=gym_id, dataset_type=dataset_type, seed=seed, render=render)
+    if dataset_type == "play":
+        _worker["oracles"] = _make_plan_oracles(env, gym_id)
+    else:
+        _worker["cells"] = _maze_cells(env.unwrapped.maze_map)
+
+
+def _make_plan_oracles(env, gym_id: str) -> dict:
+    """OGBench's 'play' data: non-Markovian plan oracles with noise 0.1 and noise smoothing 0.5."""
+    from ogbench.manipspace.oracles.plan.button_plan import ButtonPlanOracle
+    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
+    from ogbench.manipspace.oracles.plan.drawer_plan import DrawerPlanOracle
+    from ogbench.manipspace.oracles.plan.window_plan import WindowPlanOracle
+
+    noise = dict(noise=0.1, noise_smoothing=0.5)
+    if "puzzle" in gym_id:
+        return {"button": ButtonPlanOracle(env=env, gripper_always_closed=True, **noise)}
+    oracles = {"cube": CubePlanOracle(env=env, **noise)}
+    if "scene" in gym_id:
+        oracles.update(
+            button=ButtonPlanOracle(env=env, **noise),
+            drawer=DrawerPlanOracle(env=env, **noise),
+            window=WindowPlanOracle(env=env, **noise),
+        )
+    return oracles
+
+
+def _maze_cells(maze_map: np.ndarray) -> tuple[list, list]:
+    """Free cells (start states) and free cells that are not straight corridor pieces (goals), as OGBench samples."""
+    free, goals = [], []
+    for i in range(maze_map.shape[0]):
+        for j in range(maze_map.shape[1]):
+            if maze_map[i, j] != 0:
+                continue
+            free.append((i, j))
+            vertical_corridor = maze_map[i - 1, j] == 0 == maze_map[i + 1, j] and maze_map[i, j - 1] == 1 == maze_map[i, j + 1]
+            horizontal_corridor = maze_map[i, j - 1] == 0 == maze_map[i, j + 1] and maze_map[i - 1, j] == 1 == maze_map[i + 1, j]
+            if not (vertical_corridor or horizontal_corridor):
+                goals.append((i, j))
+    return free, goals
+
+
+def _stacking_probability(gym_id: str) -> float:
+    """Per-episode probability that a cube task is a stacking task, as in OGBench's generator."""
+    for word, (low, high) in {"single": (0, 0), "double": (0, 0.25), "triple": (0.05, 0.35),
+                              "quadruple": (0.1, 0.5), "octuple": (0, 0.35)}.items():
+        if word in gym_id:
+            return np.random.uniform(low, high)
+    return 0.5
+
+
+def _scene_is_healthy(qpos: np.ndarray) -> bool:
+    """OGBench's check that the scene cube never leaves the camera view (unless it is inside the drawer)."""
+    xyz = qpos[:, 14:17]
+    too_far_right = (xyz[:, 1] >= 0.29).any()
+    too_far_left = ((xyz[:, 1] <= -0.3) & ((xyz[:, 2] < 0.06) | (xyz[:, 2] > 0.08))).any()
+    return not (too_far_right or too_far_left)
+
+
+def _play_episode(env, oracles: dict, gym_id: str, record) -> None:
+    ob, info = env.reset()
+    p_stack = _stacking_probability(gym_id)
+    oracle = oracles[info["privileged/target_task"]]
+    oracle.reset(ob, info)
+    done = False
+    while not done:
+        action = np.clip(np.asarray(oracle.select_action(ob, info)), -1, 1)
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        if oracle.done:  # the oracle finished its sub-task: the play data moves straight on to a new one
+            oracle_ob, oracle_info = env.unwrapped.set_new_target(p_stack=p_stack)
+            oracle = oracles[oracle_info["privileged/target_task"]]
+            oracle.reset(oracle_ob, oracle_info)
+        record(ob, action, done, info)
+        ob = next_ob
+
+
+def _navigate_episode(env, cells: tuple[list, list], record, noise: float = 0.2) -> None:
+    free, goals = cells
+    pick = lambda cells: cells[np.random.randint(len(cells))]  # noqa: E731
+    ob, _ = env.reset(options=dict(task_info=dict(init_ij=pick(free), goal_ij=pick(goals))))
+    maze = env.unwrapped
+    done = False
+    while not done:
+        subgoal_xy, _ = maze.get_oracle_subgoal(maze.get_xy(), maze.cur_goal_xy)
+        direction = subgoal_xy - maze.get_xy()
+        action = np.clip(direction / (np.linalg.norm(direction) + 1e-6) + np.random.normal(0, noise, 2), -1, 1)
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        if info["success"]:  # 'navigate': a new random goal every time one is reached
+            maze.set_goal(pick(goals))
+        record(ob, action, done, info)
+        ob = next_ob
+
+
+def generate_episode(index: int) -> dict[str, np.ndarray]:
+    """Collect episode `index` (seeded from the run seed and the index) and return its arrays."""
+    w = _worker
+    episode_seed = int(np.random.SeedSequence([w["seed"], index]).generate_state(1)[0])
+    w["env"].reset(seed=episode_seed)  # seeds the environment's own generator
+    np.random.seed(episode_seed)  # the oracles and the stacking probability use numpy's global generator
+    while True:
+        steps: dict[str, list] = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel", "button_states")}
+
+        def record(ob, action, done, info):
+            steps["observations"].append(ob)
+            steps["actions"].append(action)
+            steps["terminals"].append(done)
+            steps["qpos"].append(info["prev_qpos"])  # the state the observation was taken in
+            steps["qvel"].append(info["prev_qvel"])
+            if "prev_button_states" in info:
+                steps["button_states"].append(info["prev_button_states"])
+
+        if w["dataset_type"] == "play":
+            _play_episode(w["env"], w["oracles"], w["gym_id"], record)
+        else:
+            _navigate_episode(w["env"], w["cells"], record)
+        if "scene" not in w["gym_id"] or _scene_is_healthy(np.asarray(steps["qpos"])):
+            break  # (an unhealthy scene episode is collected again, continuing the same random stream)
+    dtypes = dict(terminals=bool, button_states=np.int64)
+    return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in steps.items() if v}
+
+
+def save_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write a compressed .npz so that `path` is either absent or complete, never half-written."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def generate_dataset(env_name: str, episodes: int, out: str | Path, num_workers: int = 1, episode_length: int = 1001,
+                     seed: int = 0, progress: bool = True) -> tuple[Path, Path]:
+    """Generate `episodes` training episodes (+ episodes // 10, at least 1, validation ones); return both paths."""
+    from tqdm import tqdm
+
+    gym_id, dataset_type = generation_target(env_name)
+    out = Path(out).expanduser()
+    if out.suffix != ".npz":
+        raise ValueError(f"--out must end in .npz (got {out}); the validation file is written next to it as *-val.npz")
+    val_out = out.with_name(out.name[: -len(".npz")] + "-val.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    num_val = max(1, episodes // 10)
+    total = episodes + num_val
+    init_args = (gym_id, dataset_type, episode_length, seed, False)
+    bar = tqdm(total=total * episode_length, unit="step", unit_scale=True, desc=f"generating {out.name}",
+               disable=not progress, dynamic_ncols=True)
+    results = []
+    if num_workers <= 1:
+        _init_worker(*init_args)
+        for i in range(total):
+            results.append(generate_episode(i))
+            bar.update(len(results[-1]["actions"]))
+    else:
+        # 'spawn': MuJoCo and torch must not be inherited through fork.
+        with multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, init_args) as pool:
+            for episode in pool.imap(generate_episode, range(total)):
+                results.append(episode)
+                bar.update(len(episode["actions"]))
+    bar.close()
+    for path, part in ((out, results[:episodes]), (val_out, results[episodes:])):
+        save_npz_atomic(path, {k: np.concatenate([ep[k] for ep in part]) for k in part[0]})
+    return out, val_out
+
+
+@dataclasses.dataclass
+class GenerateArgs:
+    """Generate an OGBench dataset locally (no internet needed) with the oracles shipped in `ogbench`."""
+
+    env_name: str = "cube-single-play-v0"
+    """dataset name (cube-single-play-v0, scene-play-v0, puzzle-3x3-play-v0, pointmaze-medium-navigate-v0, ...)
+    or any single-task name of it (cube-single-play-singletask-task2-v0)"""
+    episodes: int = 1000
+    """training episodes (the official datasets have 1000); validation gets episodes // 10 more (at least 1)"""
+    out: str = "data/cube-single-play-v0.npz"
+    """training file to write (must end in .npz); the validation file goes next to it as *-val.npz"""
+    num_workers: int = 1
+    """parallel processes (one environment each); the output does not depend on it"""
+    episode_length: int = 1001
+    """environment steps per episode (1001 in every official dataset)"""
+    seed: int = 0
+    """base seed; episode i is seeded from (seed, i)"""
+
+
+def main() -> None:
+    import tyro
+
+    args = tyro.cli(GenerateArgs)
+    try:
+        train_path, val_path = generate_dataset(args.env_name, args.episodes, args.out, args.num_workers,
+                                                args.episode_length, args.seed)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for path in (train_path, val_path):
+        with np.load(path) as f:
+            print(f"wrote {path}: {len(f['actions'])} transitions, keys {sorted(f.keys())}")
+
+
+if __name__ == "__main__":
+    main()
