@@ -215,6 +215,13 @@ def sample_actions(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int,
     return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
 
 
+def flow_matching_loss(flow: VectorField, obs: torch.Tensor, actions: torch.Tensor, x_0: torch.Tensor,
+                       t: torch.Tensor) -> torch.Tensor:
+    """Rectified path from noise x_0 to the action: x_t = (1 - t) x_0 + t a, target velocity a - x_0."""
+    x_t = (1 - t) * x_0 + t * actions
+    return (flow(obs, x_t, t) - (actions - x_0)).square().mean()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The update. Who learns from what (one backward of the sum, one Adam step):
 #   critic    <- critic_loss                       (TD to r + gamma * m * Q_target(s', pi(s')))
@@ -236,11 +243,9 @@ def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args
     qs = agent.critic(obs, actions)
     critic_loss = (qs - target_q).square().mean()
 
-    # Flow matching (rectified path): x_t = (1 - t) x_0 + t a, target velocity a - x_0.
-    x_0 = torch.randn_like(actions)
+    # Flow matching: x_0 ~ N(0, I), t ~ U[0, 1), one t per sample.
     t = torch.rand((actions.shape[0], 1), device=actions.device)
-    x_t = (1 - t) * x_0 + t * actions
-    bc_flow_loss = (agent.flow(obs, x_t, t) - (actions - x_0)).square().mean()
+    bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, torch.randn_like(actions), t)
 
     # Refinement of base actions from the flow. No gradient reaches the flow through a_base.
     with torch.no_grad():
@@ -461,9 +466,10 @@ if __name__ == "__main__":
             if first_bad_step.any():
                 bad = [(int(s), name) for s, name in zip(first_bad_step.tolist(), checked) if s > 0]
                 s, name = min(bad)
-                sys.exit(f"error: training/{name} became {metrics[name].item()} at step {s} (non-finite terms: "
-                         f"{', '.join(n for _, n in sorted(bad))}). Nothing was saved after step {s}; the last "
-                         f"checkpoint in {run_dir} (if any) is intact. Check the dataset for NaNs or lower --lr.")
+                sys.exit(f"error: training/{name} became non-finite at step {s} (now {metrics[name].item()}; "
+                         f"non-finite since: {', '.join(f'{n} at {t}' for t, n in sorted(bad))}). Nothing was saved "
+                         f"after step {s}; the last checkpoint in {run_dir} (if any) is intact. "
+                         f"Check the dataset for NaNs or lower --lr.")
         if is_log_step:
             with torch.no_grad():
                 _, val_metrics = deflow_losses(agent, sample_batch(val_data, args.batch_size), args, with_mse=True)

@@ -43,11 +43,14 @@ def single_task_gym_id(env_name: str) -> str:
     pos = parts.index("singletask")
     gym_id = "-".join(parts[: pos - 1] + parts[pos:])
     if gym_id not in gymnasium.registry:
-        known = sorted(k for k in gymnasium.registry if "singletask" in k and k.startswith(parts[0]))
+        base, dataset_type = "-".join(parts[: pos - 1]), parts[pos - 1]
+        same_env = [k for k in gymnasium.registry if k.startswith(f"{base}-singletask")]
+        same_family = [k for k in gymnasium.registry if "singletask" in k and k.startswith(parts[0] + "-")]
+        known = sorted(k.replace("-singletask", f"-{dataset_type}-singletask") for k in same_env or same_family)
         raise DatasetError(
-            f"unknown environment '{env_name}' (OGBench has no '{gym_id}'). "
-            f"Environments of this family: {', '.join(known[:12]) or 'none'}"
-            f"{' ...' if len(known) > 12 else ''}. Supported families: {', '.join(FAMILIES)}."
+            f"unknown environment '{env_name}' (OGBench has no '{gym_id}'). Did you mean one of: "
+            f"{', '.join(known[:12]) or 'none'}{' ...' if len(known) > 12 else ''}? "
+            f"Supported families: {', '.join(FAMILIES)}."
         )
     return gym_id
 
@@ -113,28 +116,28 @@ def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", d
     """
     import ogbench
 
-    single_task_gym_id(env_name)  # fail on a bad name before touching any file
+    env = make_env(env_name)  # fails on a bad name before touching any file
     train_path = _resolve_files(env_name, dataset_dir, dataset_path, generate_episodes, num_workers, seed)
+    regenerate = generation_command(env_name, str(train_path)) if dataset_path else f"rm {train_path}*  # then rerun"
+    obs_shape, act_shape = env.observation_space.shape, env.action_space.shape
     try:
-        env, train, val = ogbench.make_env_and_datasets(env_name, dataset_path=str(train_path))
+        for path in (train_path, _val_path(train_path)):
+            with np.load(path) as f:  # check the raw file first: relabeling a foreign file fails obscurely
+                shapes = f["observations"].shape, f["actions"].shape
+            if shapes[0][1:] != obs_shape or shapes[1][1:] != act_shape or shapes[0][0] == 0:
+                raise DatasetError(
+                    f"{path} has {shapes[0][0]} observations of shape {shapes[0][1:]} and actions of shape "
+                    f"{shapes[1][1:]}, but {env_name} has observations {obs_shape} and actions {act_shape}. "
+                    f"The file belongs to another environment (or is empty); make the right one with\n    {regenerate}"
+                )
+        train, val = ogbench.make_env_and_datasets(env_name, dataset_path=str(train_path), dataset_only=True,
+                                                   cur_env=env)
     except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as e:
-        hint = generation_command(env_name, str(train_path)) if dataset_path else f"rm {train_path}*  # then rerun"
         raise DatasetError(
             f"dataset {train_path} (or its -val file) is corrupt or not an OGBench dataset "
-            f"({type(e).__name__}: {e}). Delete it and make it again:\n    {hint}"
+            f"({type(e).__name__}: {e}). Delete it and make it again:\n    {regenerate}"
         ) from None
-
-    obs_shape, act_shape = env.observation_space.shape, env.action_space.shape
-    for split, data in (("train", train), ("val", val)):
-        if len(data["actions"]) == 0:
-            raise DatasetError(f"the {split} split of {train_path} is empty; regenerate it with more episodes")
-        if data["observations"].shape[1:] != obs_shape or data["actions"].shape[1:] != act_shape:
-            raise DatasetError(
-                f"{split} data in {train_path} has observations {data['observations'].shape[1:]} and actions "
-                f"{data['actions'].shape[1:]}, but {env_name} has observations {obs_shape} and actions {act_shape}. "
-                f"The file belongs to another environment; generate the right one with\n"
-                f"    {generation_command(env_name, str(train_path))}"
-            )
+    for data in (train, val):
         data["actions"] = np.clip(data["actions"], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
         for k in [k for k in data if k not in KEYS]:
             del data[k]

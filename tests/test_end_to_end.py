@@ -1,0 +1,106 @@
+"""deflow_offline.py as a user runs it: a subprocess on a tiny generated dataset with tiny networks."""
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import TINY_FLAGS, run_script
+
+ENV = "cube-single-play-singletask-task1-v0"
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def training_numbers(run_dir):
+    """Every logged number except wall-clock times."""
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in read_csv(run_dir / "train.csv")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cube_dataset):
+    """Run A (40 updates), its twin A2 (same seed), and B (20 updates, then resumed to 40)."""
+    root = tmp_path_factory.mktemp("runs")
+    flags = ["--env-name", ENV, "--dataset-path", cube_dataset, "--run-dir", root, "--log-interval", 10,
+             "--eval-interval", 20, "--eval-episodes", 2, *TINY_FLAGS]
+    out = {}
+    for name, steps in (("A", 40), ("A2", 40), ("B", 20)):
+        out[name] = run_script(*flags, "--offline-steps", steps, "--exp-name", name)
+        out[name + "_dir"] = next(root.glob(f"*__{name}__*"))
+    out["resume"] = run_script("--resume", out["B_dir"] / "checkpoint.pt", "--offline-steps", 40)
+    return out
+
+
+def test_run_writes_logs_evaluation_and_checkpoint(runs):
+    run_dir = runs["A_dir"]
+    evals = read_csv(run_dir / "eval.csv")
+    assert [int(r["step"]) for r in evals] == [1, 20, 40]
+    assert all(0.0 <= float(r["evaluation/success"]) <= 1.0 for r in evals)
+    train = read_csv(run_dir / "train.csv")
+    assert [int(r["step"]) for r in train] == [10, 20, 30, 40]
+    for name in ("training/critic/critic_loss", "training/actor/bc_flow_loss", "training/actor/distill_loss",
+                 "training/actor/alpha_value", "training/actor/q", "training/actor/mse",
+                 "validation/critic/critic_loss", "time/epoch_time"):
+        assert name in train[0]
+    assert (run_dir / "checkpoint.pt").exists()
+    assert json.loads((run_dir / "args.json").read_text())["offline_steps"] == 40
+    assert "evaluation/success" in runs["A"].stdout and "critic_loss" in runs["A"].stdout
+
+
+def test_same_seed_same_numbers(runs):
+    assert training_numbers(runs["A_dir"]) == training_numbers(runs["A2_dir"])
+    assert read_csv(runs["A_dir"] / "eval.csv") == read_csv(runs["A2_dir"] / "eval.csv")
+
+
+def test_resume_continues_exactly(runs):
+    assert "resuming" in runs["resume"].stdout and "at step 21" in runs["resume"].stdout
+    assert [int(r["step"]) for r in read_csv(runs["B_dir"] / "train.csv")] == [10, 20, 30, 40]
+    assert training_numbers(runs["B_dir"]) == training_numbers(runs["A_dir"])  # as if never interrupted
+
+
+def test_generate_flag_builds_a_missing_dataset(tmp_path):
+    path = tmp_path / "gen.npz"
+    run_script("--env-name", "puzzle-3x3-play-singletask-v0", "--dataset-path", path, "--generate-episodes", 1,
+               "--offline-steps", 2, "--eval-interval", 0, "--run-dir", tmp_path / "runs", *TINY_FLAGS)
+    assert path.exists() and (tmp_path / "gen-val.npz").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env-name", "cheetah-run-v0"], "Supported families"),
+    (["--env-name", ENV, "--dataset-path", "nowhere/x.npz"], "python -m common.generate --env-name cube-single-play-v0"),
+    (["--resume", "nowhere/checkpoint.pt"], "does not exist"),
+])
+def test_bad_input_gives_one_clear_line(flags, message):
+    result = run_script(*flags, check=False)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_with_step_and_term(tmp_path, cube_dataset):
+    flags = ["--env-name", ENV, "--dataset-path", cube_dataset, "--run-dir", tmp_path, "--offline-steps", 20,
+             "--log-interval", 10, "--eval-interval", 0, "--save-interval", 10, *TINY_FLAGS]
+    result = run_script(*flags, "--discount", "1e39", check=False)  # gamma * Q overflows float32: inf at once
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "training/critic/critic_loss became non-finite at step 1" in result.stderr
+    assert not list(tmp_path.glob("*/checkpoint.pt"))  # a diverged model is never saved
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"\x80\x02 truncated")
+    result = run_script("--resume", bad, check=False)
+    assert result.returncode != 0 and "corrupt or not a DeFlow checkpoint" in result.stderr
+
+
+def test_help_documents_every_flag():
+    import dataclasses
+
+    from deflow_offline import Args
+
+    text = run_script("--help").stdout
+    for field in dataclasses.fields(Args):
+        assert "--" + field.name.replace("_", "-") in text
+    assert "target divergence" in text.lower() or "delta" in text
