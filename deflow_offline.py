@@ -162,6 +162,7 @@ class VectorField(nn.Module):
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], layer_norm: bool, use_time: bool):
         super().__init__()
+        self.action_dim = action_dim
         self.net = mlp(obs_dim + action_dim + int(use_time), hidden_dims, action_dim, layer_norm)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -210,7 +211,7 @@ def flow_actions(flow: VectorField, obs: torch.Tensor, noise: torch.Tensor, flow
 def sample_actions(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """pi(s) = clip(a_base + f(s, a_base), -1, 1) with a_base from fresh noise (no temperature)."""
-    noise = torch.randn((*obs.shape[:-1], agent.refine.net[-1].out_features), device=obs.device, generator=generator)
+    noise = torch.randn((*obs.shape[:-1], agent.flow.action_dim), device=obs.device, generator=generator)
     base_actions = flow_actions(agent.flow, obs, noise, flow_steps)
     return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
 
@@ -354,8 +355,11 @@ def truncate_csv(path: Path, last_step: int) -> None:
         return
     with open(path) as f:
         rows = list(csv.DictReader(f))
-        fields = rows and list(rows[0])
+        fields = list(rows[0]) if rows else []
     kept = [r for r in rows if int(r["step"]) <= last_step]
+    if not kept:
+        path.unlink()
+        return
 
     def write(f):
         f.write((",".join(fields or []) + "\n").encode())
@@ -365,13 +369,14 @@ def truncate_csv(path: Path, last_step: int) -> None:
     atomic_write(path, write)
 
 
-def parse_args() -> Args:
+def parse_args() -> tuple[Args, Optional[dict]]:
+    """The command line; with --resume, the checkpoint's settings become the defaults that flags still override."""
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
-    if args.resume:  # the checkpoint's settings become the defaults; flags given now still override them
-        saved = load_checkpoint(args.resume)["args"]
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-        args = tyro.cli(Args, default=Args(**{**saved, "resume": args.resume}))
-    return args
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()}
+    return tyro.cli(Args, default=Args(**{**saved, "resume": args.resume})), checkpoint
 
 
 def load_checkpoint(path: str) -> dict:
@@ -384,7 +389,7 @@ def load_checkpoint(path: str) -> dict:
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args, checkpoint = parse_args()
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -404,8 +409,7 @@ if __name__ == "__main__":
     agent = DeFlowAgent(obs_dim, action_dim, args).to(device)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
     start_step = 1
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
+    if checkpoint is not None:
         try:
             agent.load_state_dict(checkpoint["agent"])
         except RuntimeError as e:
