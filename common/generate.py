@@ -73,7 +73,7 @@ def generation_command(env_name: str, out: str, episodes: int = 1000, num_worker
 _worker: dict = {}
 
 
-def _init_worker(gym_id: str, dataset_type: str, episode_length: int, seed: int, render: bool) -> None:
+def _init_worker(gym_id: str, dataset_type: str, episode_length: int, seed: int) -> None:
     import gymnasium
 
     import ogbench  # noqa: F401  (registers the environments)
@@ -82,7 +82,7 @@ def _init_worker(gym_id: str, dataset_type: str, episode_length: int, seed: int,
     if dataset_type == "play":
         kwargs["mode"] = "data_collection"
     env = gymnasium.make(gym_id, **kwargs)
-    _worker.update(env=env, gym_id=gym_id, dataset_type=dataset_type, seed=seed, render=render)
+    _worker.update(env=env, gym_id=gym_id, dataset_type=dataset_type, seed=seed)
     if dataset_type == "play":
         _worker["oracles"] = _make_plan_oracles(env, gym_id)
     else:
@@ -227,7 +227,7 @@ def generate_dataset(env_name: str, episodes: int, out: str | Path, num_workers:
     out.parent.mkdir(parents=True, exist_ok=True)
     num_val = max(1, episodes // 10)
     total = episodes + num_val
-    init_args = (gym_id, dataset_type, episode_length, seed, False)
+    init_args = (gym_id, dataset_type, episode_length, seed)
     bar = tqdm(total=total * episode_length, unit="step", unit_scale=True, desc=f"generating {out.name}",
                disable=not progress, dynamic_ncols=True)
     results = []
