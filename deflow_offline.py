@@ -414,7 +414,7 @@ if __name__ == "__main__":
             agent.load_state_dict(checkpoint["agent"])
         except RuntimeError as e:
             sys.exit(f"error: checkpoint {args.resume} does not fit this environment/network "
-                     f"(obs {obs_dim}, actions {action_dim}): {str(e).splitlines()[1:3]}")
+                     f"(obs {obs_dim}, actions {action_dim}): {' '.join(str(e).split())[:400]}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
@@ -453,6 +453,7 @@ if __name__ == "__main__":
     # Non-finite losses are recorded on the device (first bad step per term) and read at log intervals only.
     first_bad_step = None
     start_time = last_log_time = time.time()
+    last_log_step = start_step - 1
     progress = tqdm(range(start_step, args.offline_steps + 1), initial=start_step - 1, total=args.offline_steps,
                     smoothing=0.1, dynamic_ncols=True)
     for step in progress:
@@ -480,9 +481,9 @@ if __name__ == "__main__":
             now = time.time()
             row = {f"training/{k}": v.item() for k, v in metrics.items()}
             row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
-            row["time/epoch_time"] = (now - last_log_time) / args.log_interval
+            row["time/epoch_time"] = (now - last_log_time) / (step - last_log_step)
             row["time/total_time"] = now - start_time
-            last_log_time = now
+            last_log_time, last_log_step = now, step
             log("train.csv", row, step)
             progress.set_postfix(critic=f"{row['training/critic/critic_loss']:.3g}",
                                  alpha=f"{row['training/actor/alpha_value']:.3g}")

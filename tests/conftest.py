@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import deflow_offline
 from common.generate import generate_dataset
-from deflow_offline import Args, DeFlowAgent
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NETS = dict(actor_hidden_dims=(32, 32), refine_hidden_dims=(32, 32), value_hidden_dims=(32, 32))
@@ -17,14 +17,15 @@ TINY_FLAGS = ["--actor-hidden-dims", "32", "32", "--refine-hidden-dims", "32", "
               "--batch-size", "32"]
 
 
-def tiny_args(**overrides) -> Args:
-    return dataclasses.replace(Args(), **{"batch_size": 32, **TINY_NETS, **overrides})
+def tiny_args(script=deflow_offline, **overrides):
+    """The script's Args with tiny networks; `script` is the imported module (deflow_offline or deflow_o2o)."""
+    return dataclasses.replace(script.Args(), **{"batch_size": 32, **TINY_NETS, **overrides})
 
 
-def tiny_agent(obs_dim=3, action_dim=2, seed=0, **overrides):
+def tiny_agent(obs_dim=3, action_dim=2, seed=0, script=deflow_offline, **overrides):
     torch.manual_seed(seed)
-    args = tiny_args(**overrides)
-    return DeFlowAgent(obs_dim, action_dim, args), args
+    args = tiny_args(script, **overrides)
+    return script.DeFlowAgent(obs_dim, action_dim, args), args
 
 
 def random_batch(batch_size=32, obs_dim=3, action_dim=2, seed=0):
@@ -38,9 +39,9 @@ def random_batch(batch_size=32, obs_dim=3, action_dim=2, seed=0):
     }
 
 
-def run_script(*flags, check=True, timeout=300):
-    """Run deflow_offline.py as a user would; return the CompletedProcess (stdout and stderr as text)."""
-    result = subprocess.run([sys.executable, str(ROOT / "deflow_offline.py"), *map(str, flags)], cwd=ROOT,
+def run_script(*flags, check=True, timeout=300, script="deflow_offline.py"):
+    """Run a training script as a user would; return the CompletedProcess (stdout and stderr as text)."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, flags)], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

@@ -1,0 +1,711 @@
+"""DeFlow, offline-to-online, on state-based OGBench: the whole method in one file.
+
+Paper: "Decoupling Manifold Modeling and Value Maximization for Offline Policy Extraction" (arXiv 2601.10471).
+Official code (JAX): github.com/muzhancun/DeFlow, agents/deflow.py + main.py (built on FQL, github.com/seohongpark/fql).
+
+DeFlow in four lines:
+  1. A multi-step flow-matching policy mu(s, x, t) models the behavior data (the "manifold"): plain BC, 10 Euler steps.
+  2. A refinement network f(s, a_base) adds a residual to the flow's action: a = clip(a_base + f(s, a_base)).
+  3. f is trained to maximize Q(s, a) while a Lagrange multiplier alpha keeps mean(f^2) near a target divergence delta.
+  4. A 2-member critic ensemble learns Q by TD, bootstrapping with the same flow + refinement policy.
+
+What online fine-tuning adds (this file is deflow_offline.py plus these; diff the two to see exactly where):
+  5. After --offline-steps updates on the dataset, --online-steps iterations each take one environment step with the
+     current policy (flow sample + refinement, no extra exploration noise) and then make one update, the same update.
+  6. The replay buffer starts as the dataset (on the training device) and grows by online transitions, FIFO-circular
+     at --buffer-size; --balanced-sampling draws half of each batch from the dataset and half from online data.
+  7. --fix-bc-flow-online freezes the BC flow online; the refinement, critic and alpha keep learning.
+  No hyperparameter changes between the phases: the Lagrangian lets the refinement move as the critic improves.
+
+Run (see README.md for datasets):
+  python deflow_o2o.py --env-name scene-play-singletask-v0                            # official data, downloads
+  python deflow_o2o.py --env-name cube-single-play-singletask-task1-v0 \\
+      --dataset-path data/cube-single-100ep.npz --generate-episodes 100               # no internet: generate locally
+  python deflow_o2o.py --resume runs/<run>/checkpoint.pt                               # continue a run exactly
+  python deflow_o2o.py --resume runs/<offline run>/checkpoint.pt --online-steps 100000 # fine-tune an offline run
+  python deflow_o2o.py --help                                                         # every flag
+
+Paper recipes (state-based OGBench, 1M steps; every recipe keeps normalize_q_loss=True, use_lagrange=True):
+  env family                      --discount   --q-agg   --target-divergence
+  antmaze-large-navigate          0.99         min       0.01
+  antmaze-giant-navigate          0.995        min       0.01
+  humanoidmaze-medium/large-nav.  0.995        mean      0.001
+  antsoccer-arena-navigate        0.995        mean      0.01
+  cube-single/double-play         0.99         mean      0.001
+  scene-play                      0.99         mean      0.001
+  puzzle-3x3/4x4-play             0.99         mean      0.005
+
+Paper offline-to-online recipe: the offline recipe of the family plus 1M online steps (the defaults here).
+
+Deviations from the official code (everything else follows it; ../shared/SPEC.md has the details):
+  - --fix-bc-flow-online truly freezes the flow: no gradient and no optimizer step (officially only its loss is zeroed,
+    and Adam's momentum keeps moving it for a few hundred steps).
+  - Once the buffer is full, all --buffer-size rows are sampled (officially the last row is never sampled after the
+    first wrap-around: an off-by-one in FQL's ReplayBuffer.size).
+  - Training episodes are reset with seed (seed + 1,000,000 + episode index), so online runs are reproducible and
+    a resumed run replays the interrupted episode's actions to continue it exactly. Officially resets are unseeded.
+  - `exploration/*` holds the success, return and length of the last finished training episode (officially every
+    key of its final info dict, most of them raw state arrays).
+  - Fixed-alpha path (--no-use-lagrange, used by no recipe): the penalty weight is alpha, not alpha^2 (official bug).
+  - --normalize-q-loss defaults to True (every official recipe sets it; the official default is False).
+  - The refinement network's width is its own flag (--refine-hidden-dims); the default equals the official 4x512.
+  - The target critic is kept out of the optimizer (officially it sits in Adam but never gets a gradient: same result).
+  - The `actor/mse` metric (a third 10-step flow rollout) is computed only on logging steps, not on every update.
+  - Evaluation draws its noise from its own generator and resets episode j with seed (seed + j), so an evaluation
+    consumes no training randomness and every evaluation sees the same start states; there are also evaluations
+    at the end of the offline phase and at the last step. (Officially the eval RNG comes from numpy's global RNG
+    and resets are unseeded.)
+  - OGBench >= 1.2 semantics (success judged on the pre-step state), as the installed package does.
+  - A non-finite loss stops the run with the step and the term (checked on the device, read at log intervals).
+  - Checkpoints are one resumable file (args, step, all modules incl. log_alpha, Adam state, RNG states, the online
+    part of the replay buffer and the state of the current training episode).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from tqdm import tqdm
+
+from common.datasets import DatasetError, load_env_and_datasets, make_env
+
+
+@dataclasses.dataclass
+class Args:
+    # --- run ---
+    exp_name: str = "deflow_o2o"
+    """name of this experiment (part of the run directory name)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation episodes"""
+    env_name: str = "cube-double-play-singletask-v0"
+    """OGBench single-task environment (<dataset>-singletask[-taskN]-v0); no -taskN means the default task"""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"""
+    run_dir: str = "runs"
+    """folder that holds one sub-folder per run (args.json, train.csv, eval.csv, checkpoint.pt)"""
+    resume: Optional[str] = None
+    """checkpoint.pt of an earlier run: continue it exactly (same settings unless a flag here overrides one); a
+    deflow_offline.py checkpoint goes on with --online-steps in a new run directory"""
+    track: bool = False
+    """also log to Weights & Biases (honours WANDB_MODE=offline)"""
+    wandb_project_name: str = "deflow"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); None means your default"""
+
+    # --- data ---
+    dataset_dir: str = "~/.ogbench/data"
+    """where official OGBench datasets are looked for and downloaded to"""
+    dataset_path: Optional[str] = None
+    """a local training .npz instead (its validation file is the same name with -val.npz)"""
+    generate_episodes: int = 0
+    """if --dataset-path does not exist, generate it first with this many oracle episodes (0: never generate)"""
+    num_workers: int = 1
+    """processes for --generate-episodes"""
+
+    # --- schedule (official defaults) ---
+    offline_steps: int = 1_000_000
+    """gradient updates on the dataset before going online"""
+    online_steps: int = 1_000_000
+    """then this many iterations of one environment step + one gradient update"""
+    buffer_size: int = 2_000_000
+    """replay buffer capacity: dataset + online transitions (at least dataset size + 1), FIFO-circular"""
+    balanced_sampling: bool = False
+    """online, draw half of each batch from the dataset and half from a separate online buffer of --buffer-size"""
+    log_interval: int = 5000
+    """log training and validation losses every this many updates"""
+    eval_interval: int = 100_000
+    """evaluate at update 1, every this many updates and at the end (0: never)"""
+    eval_episodes: int = 50
+    """episodes per evaluation"""
+    save_interval: int = 1_000_000
+    """write checkpoint.pt every this many updates (and always at the end)"""
+
+    # --- agent (official names and defaults) ---
+    lr: float = 3e-4
+    """Adam learning rate (one Adam over every trained parameter, log_alpha included)"""
+    batch_size: int = 256
+    """transitions per update (the same batch feeds the critic and the actor)"""
+    actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    """hidden widths of the BC flow velocity field mu"""
+    refine_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    """hidden widths of the refinement network f (officially the same as the actor's)"""
+    value_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    """hidden widths of each critic"""
+    layer_norm: bool = True
+    """LayerNorm in the critics"""
+    actor_layer_norm: bool = False
+    """LayerNorm in the flow and refinement networks"""
+    discount: float = 0.99
+    """discount factor gamma"""
+    tau: float = 0.005
+    """target critic EMA rate"""
+    q_agg: Literal["mean", "min"] = "mean"
+    """how the TD target aggregates the 2 target critics (the actor always uses the mean)"""
+    flow_steps: int = 10
+    """Euler steps of the BC flow"""
+    target_divergence: float = 0.001
+    """delta: the Lagrangian keeps mean(refinement^2) (per action dimension) near this"""
+    use_lagrange: bool = True
+    """learn the penalty weight alpha by the Lagrangian (every recipe); off: fixed --alpha"""
+    alpha: float = 10.0
+    """fixed penalty weight, only with --no-use-lagrange"""
+    normalize_q_loss: bool = True
+    """scale the Q loss by 1 / mean|Q| (every official recipe sets this)"""
+    fix_bc_flow_online: bool = False
+    """freeze the BC flow online (no gradient, no optimizer step); the refinement, critic and alpha keep learning"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer, Xavier-uniform weights,
+# zero biases, plain Linear output.
+# ---------------------------------------------------------------------------------------------------------------------
+def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, layer_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden_dims:
+        layers += [nn.Linear(in_dim, width), nn.GELU(approximate="tanh")]
+        if layer_norm:
+            layers.append(nn.LayerNorm(width, eps=1e-6))
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+class VectorField(nn.Module):
+    """mu(s, x, t) -> R^A when use_time (the BC flow); f(s, a) -> R^A, unbounded, when not (the refinement)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], layer_norm: bool, use_time: bool):
+        super().__init__()
+        self.action_dim = action_dim
+        self.net = mlp(obs_dim + action_dim + int(use_time), hidden_dims, action_dim, layer_norm)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        inputs = [obs, actions] if t is None else [obs, actions, t]  # t: raw scalar in [0, 1), no embedding
+        return self.net(torch.cat(inputs, dim=-1))
+
+
+class Critic(nn.Module):
+    """Two independently initialised Q networks on the same input; returns shape (2, B)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], layer_norm: bool):
+        super().__init__()
+        self.members = nn.ModuleList(mlp(obs_dim + action_dim, hidden_dims, 1, layer_norm) for _ in range(2))
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, actions], dim=-1)
+        return torch.stack([member(x).squeeze(-1) for member in self.members])
+
+
+class DeFlowAgent(nn.Module):
+    """Holds every learned tensor, so one state_dict is the whole agent (log_alpha included)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.flow = VectorField(obs_dim, action_dim, args.actor_hidden_dims, args.actor_layer_norm, use_time=True)
+        self.refine = VectorField(obs_dim, action_dim, args.refine_hidden_dims, args.actor_layer_norm, use_time=False)
+        self.critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
+        self.target_critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)  # moved only by the EMA
+        self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e ~ 2.72
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The policy: Euler-integrate the BC flow from noise, then add one refinement.
+# ---------------------------------------------------------------------------------------------------------------------
+def flow_actions(flow: VectorField, obs: torch.Tensor, noise: torch.Tensor, flow_steps: int) -> torch.Tensor:
+    """a_base = clip(x_K, -1, 1), x_0 = noise, x_{i+1} = x_i + mu(s, x_i, i/K) / K. Clipped only at the end."""
+    x = noise
+    for i in range(flow_steps):
+        t = torch.full((*obs.shape[:-1], 1), i / flow_steps, device=obs.device)
+        x = x + flow(obs, x, t) / flow_steps
+    return x.clamp(-1, 1)
+
+
+def sample_actions(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """pi(s) = clip(a_base + f(s, a_base), -1, 1) with a_base from fresh noise (no temperature)."""
+    noise = torch.randn((*obs.shape[:-1], agent.flow.action_dim), device=obs.device, generator=generator)
+    base_actions = flow_actions(agent.flow, obs, noise, flow_steps)
+    return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
+
+
+def flow_matching_loss(flow: VectorField, obs: torch.Tensor, actions: torch.Tensor, x_0: torch.Tensor,
+                       t: torch.Tensor) -> torch.Tensor:
+    """Rectified path from noise x_0 to the action: x_t = (1 - t) x_0 + t a, target velocity a - x_0."""
+    x_t = (1 - t) * x_0 + t * actions
+    return (flow(obs, x_t, t) - (actions - x_0)).square().mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The update. Who learns from what (one backward of the sum, one Adam step):
+#   critic    <- critic_loss                       (TD to r + gamma * m * Q_target(s', pi(s')))
+#   flow      <- bc_flow_loss                      (flow matching on dataset actions)
+#   refine    <- sg(alpha) * distill + q_loss      (stay near a_base, climb Q through the action only)
+#   log_alpha <- alpha_loss                        (raise alpha when distill > delta, lower it when below)
+#   target    <- nothing; EMA of the critic's pre-step weights
+# Online the update is the same; with --fix-bc-flow-online the flow gets no loss at all (train_flow=False), so it
+# has no gradient and Adam, which skips parameters whose .grad is None, leaves it exactly where it was.
+# ---------------------------------------------------------------------------------------------------------------------
+def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args, with_mse: bool = False,
+                  train_flow: bool = True):
+    """Return (total loss, metrics dict of 0-d tensors) for one batch. Official metric names."""
+    obs, actions = batch["observations"], batch["actions"]
+
+    # Critic: TD target with the current policy and the target critic, all without gradient.
+    with torch.no_grad():
+        next_actions = sample_actions(agent, batch["next_observations"], args.flow_steps)
+        next_qs = agent.target_critic(batch["next_observations"], next_actions)
+        next_q = next_qs.min(dim=0).values if args.q_agg == "min" else next_qs.mean(dim=0)
+        target_q = batch["rewards"] + args.discount * batch["masks"] * next_q
+    qs = agent.critic(obs, actions)
+    critic_loss = (qs - target_q).square().mean()
+
+    # Flow matching: x_0 ~ N(0, I), t ~ U[0, 1), one t per sample. Frozen flow: no loss (logged as 0, as officially).
+    if train_flow:
+        t = torch.rand((actions.shape[0], 1), device=actions.device)
+        bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, torch.randn_like(actions), t)
+    else:
+        bc_flow_loss = torch.zeros((), device=obs.device)
+
+    # Refinement of base actions from the flow. No gradient reaches the flow through a_base.
+    with torch.no_grad():
+        base_actions = flow_actions(agent.flow, obs, torch.randn_like(actions), args.flow_steps)
+    refinement = agent.refine(obs, base_actions)
+    distill_loss = refinement.square().mean()  # D: mean over batch and action dims (per-dimension size)
+
+    if args.use_lagrange:
+        alpha = agent.log_alpha.exp()
+        alpha_loss = -(agent.log_alpha * (distill_loss.detach() - args.target_divergence)).sum()
+    else:
+        alpha = torch.tensor(args.alpha, device=obs.device)
+        alpha_loss = torch.zeros((), device=obs.device)
+    penalty = alpha.detach().squeeze() * distill_loss
+
+    # Q loss through the refined action only: the critic's weights are used as constants here.
+    policy_actions = (base_actions + refinement).clamp(-1, 1)
+    frozen_critic = {name: p.detach() for name, p in agent.critic.named_parameters()}
+    q = torch.func.functional_call(agent.critic, frozen_critic, (obs, policy_actions)).mean(dim=0)
+    q_loss = -q.mean()
+    if args.normalize_q_loss:
+        q_loss = q_loss / q.abs().mean().detach()
+
+    actor_loss = bc_flow_loss + penalty + q_loss + alpha_loss
+    metrics = {
+        "critic/critic_loss": critic_loss, "critic/q_mean": qs.mean(), "critic/q_max": qs.max(), "critic/q_min": qs.min(),
+        "actor/actor_loss": actor_loss, "actor/bc_flow_loss": bc_flow_loss, "actor/distill_loss": distill_loss,
+        "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
+        "actor/alpha_value": alpha.detach().squeeze(),
+    }
+    if with_mse:
+        with torch.no_grad():
+            metrics["actor/mse"] = (sample_actions(agent, obs, args.flow_steps) - actions).square().mean()
+    return critic_loss + actor_loss, metrics
+
+
+def update(agent: DeFlowAgent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args,
+           with_mse: bool = False, train_flow: bool = True) -> dict[str, torch.Tensor]:
+    """One DeFlow update: losses, one backward, target EMA from the pre-step critic, one Adam step."""
+    loss, metrics = deflow_losses(agent, batch, args, with_mse, train_flow)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, with theta before this step
+        torch._foreach_lerp_(list(agent.target_critic.parameters()), list(agent.critic.parameters()), args.tau)
+    optimizer.step()
+    return {k: v.detach() for k, v in metrics.items()}
+
+
+def sample_batch(data: dict[str, torch.Tensor], batch_size: int, size: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Uniform indices into the first `size` rows (default: all), drawn on the data's device: no host round trip."""
+    first = next(iter(data.values()))
+    idx = torch.randint(len(first) if size is None else size, (batch_size,), device=first.device)
+    return {k: v[idx] for k, v in data.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Online data. FQL's replay buffer semantics: preallocated on the training device, filled from an initial dataset,
+# written FIFO-circular (after the last row, the next transition overwrites row 0), sampled uniformly from what is
+# stored. A transition stores terminals = done (episode boundary) and masks = 1 - terminated (0 only when the episode
+# really ended, not when the time limit cut it), the same convention as the OGBench datasets.
+# ---------------------------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    def __init__(self, initial: dict[str, torch.Tensor], capacity: int):
+        self.initial_size = len(initial["observations"])
+        if capacity < self.initial_size:
+            raise ValueError(f"buffer capacity {capacity} is smaller than its initial data ({self.initial_size})")
+        self.data = {}
+        for k, v in initial.items():
+            self.data[k] = torch.zeros((capacity, *v.shape[1:]), dtype=v.dtype, device=v.device)
+            self.data[k][: self.initial_size] = v
+        self.capacity = capacity
+        self.num_added = 0  # online transitions written so far (the buffer's whole history after the initial data)
+
+    @property
+    def size(self) -> int:
+        return min(self.initial_size + self.num_added, self.capacity)
+
+    @property
+    def pointer(self) -> int:
+        """The row the next transition goes to."""
+        return (self.initial_size + self.num_added) % self.capacity
+
+    def add(self, transition: dict[str, np.ndarray | float]) -> None:
+        row = self.pointer
+        for k, v in transition.items():
+            self.data[k][row] = torch.as_tensor(v, dtype=self.data[k].dtype)
+        self.num_added += 1
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return sample_batch(self.data, batch_size, self.size)
+
+    def written_rows(self) -> torch.Tensor:
+        """Rows that hold online transitions (all rows once the buffer has wrapped around completely)."""
+        count = min(self.num_added, self.capacity)
+        return (self.initial_size + torch.arange(count)) % self.capacity
+
+    def online_state(self) -> dict:
+        """What a checkpoint needs besides the dataset: the online rows and the write count."""
+        rows = self.written_rows()
+        return {"capacity": self.capacity, "initial_size": self.initial_size, "num_added": self.num_added,
+                "rows": rows, "data": {k: v[rows.to(v.device)].cpu() for k, v in self.data.items()}}
+
+    def load_online_state(self, state: dict) -> None:
+        if (state["capacity"], state["initial_size"]) != (self.capacity, self.initial_size):
+            raise ValueError(f"the checkpoint's buffer holds {state['initial_size']} dataset rows in a capacity of "
+                             f"{state['capacity']}, this one {self.initial_size} in {self.capacity}")
+        for k, v in self.data.items():
+            v[state["rows"].to(v.device)] = state["data"][k].to(v.device)
+        self.num_added = state["num_added"]
+
+
+def balanced_batch(dataset: dict[str, torch.Tensor], buffer: ReplayBuffer, batch_size: int) -> dict[str, torch.Tensor]:
+    """--balanced-sampling: the first half of the batch from the dataset, the rest from the online buffer."""
+    half = batch_size // 2
+    offline_part, online_part = sample_batch(dataset, half), buffer.sample(batch_size - half)
+    return {k: torch.cat([offline_part[k], online_part[k]]) for k in offline_part}
+
+
+def transition(obs, action, reward, terminated: bool, truncated: bool, next_obs) -> dict:
+    return {"observations": obs, "actions": action, "rewards": reward, "terminals": float(terminated or truncated),
+            "masks": 1.0 - float(terminated), "next_observations": next_obs}
+
+
+def replay_episode(env, seed: int, actions: list[np.ndarray]):
+    """Reset with the episode's seed and repeat its actions: MuJoCo is deterministic, so this restores the
+    environment exactly where a checkpoint left it (used on resume). Returns the current observation."""
+    obs, _ = env.reset(seed=seed)
+    for action in actions:
+        obs, *_ = env.step(action)
+    return obs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: success at the last step of each episode (episodes end at success), as OGBench reports it.
+# ---------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(agent: DeFlowAgent, env, num_episodes: int, flow_steps: int, seed: int) -> dict[str, float]:
+    device = agent.log_alpha.device
+    generator = torch.Generator(device).manual_seed(seed)
+    successes, returns, lengths = [], [], []
+    for episode in range(num_episodes):
+        obs, info = env.reset(seed=seed + episode)
+        done, episode_return, length = False, 0.0, 0
+        while not done:
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            action = sample_actions(agent, obs_t, flow_steps, generator)[0].cpu().numpy()
+            obs, reward, terminated, truncated, info = env.step(np.clip(action, -1, 1))
+            done = terminated or truncated
+            episode_return += float(reward)
+            length += 1
+        successes.append(float(info["success"]))
+        returns.append(episode_return)
+        lengths.append(length)
+    return {"success": float(np.mean(successes)), "episode.return": float(np.mean(returns)),
+            "episode.length": float(np.mean(lengths))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: every write is atomic (temporary file, then rename) or a whole appended line, so a crash loses nothing.
+# ---------------------------------------------------------------------------------------------------------------------
+def atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    fields = list(row) if new else next(csv.reader(open(path)))
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def truncate_csv(path: Path, last_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint so the run's logs stay one consistent history."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+        fields = list(rows[0]) if rows else []
+    kept = [r for r in rows if int(r["step"]) <= last_step]
+    if not kept:
+        path.unlink()
+        return
+
+    def write(f):
+        f.write((",".join(fields or []) + "\n").encode())
+        for r in kept:
+            f.write((",".join(r[k] for k in fields) + "\n").encode())
+
+    atomic_write(path, write)
+
+
+def parse_args() -> tuple[Args, Optional[dict]]:
+    """The command line; with --resume, the checkpoint's settings become the defaults that flags still override."""
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()}
+    if "buffer" not in checkpoint:  # a deflow_offline.py run: name the online run after this script
+        saved["exp_name"] = Args().exp_name
+    return tyro.cli(Args, default=Args(**{**saved, "resume": args.resume})), checkpoint
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        sys.exit(f"error: checkpoint {path} does not exist (look in runs/<run>/checkpoint.pt)")
+    except Exception as e:  # a truncated or foreign file raises many different errors
+        sys.exit(f"error: checkpoint {path} is corrupt or not a DeFlow checkpoint ({type(e).__name__}: {e})")
+
+
+if __name__ == "__main__":
+    args, checkpoint = parse_args()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if args.env_name.startswith("visual-"):
+        sys.exit(f"error: online fine-tuning from pixels is not supported (nor is it officially); train "
+                 f"{args.env_name} offline with deflow_pixels.py, or use the state-based {args.env_name[7:]}")
+
+    # Environment and data (the dataset lives on the training device: a batch is one gather, no copy).
+    try:
+        env, train_np, val_np = load_env_and_datasets(args.env_name, args.dataset_dir, args.dataset_path,
+                                                      args.generate_episodes, args.num_workers, args.seed)
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
+    eval_env = make_env(args.env_name)  # its own instance: evaluating never disturbs the training episode
+    train_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in train_np.items()}
+    val_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
+    obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]
+
+    # Replay buffer. Default: the dataset is the buffer's first rows and online data follows (the dataset is then
+    # held only there). Balanced: the dataset stays apart and online data goes to an empty buffer of its own.
+    try:
+        if args.balanced_sampling:
+            buffer = ReplayBuffer({k: v[:0] for k, v in train_data.items()}, args.buffer_size)
+        else:
+            buffer = ReplayBuffer(train_data, max(args.buffer_size, len(train_np["actions"]) + 1))
+            train_data = None
+    except torch.OutOfMemoryError:
+        sys.exit(f"error: a replay buffer of {args.buffer_size:,} transitions does not fit on {device}; "
+                 f"lower --buffer-size or use another device")
+    buffer_gb = sum(v.numel() * v.element_size() for v in buffer.data.values()) / 1e9
+
+    def draw_batch(online: bool) -> dict[str, torch.Tensor]:
+        if not args.balanced_sampling:
+            return buffer.sample(args.batch_size)  # offline, the buffer holds exactly the dataset
+        if online:
+            return balanced_batch(train_data, buffer, args.batch_size)
+        return sample_batch(train_data, args.batch_size)
+
+    agent = DeFlowAgent(obs_dim, action_dim, args).to(device)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
+    act_generator = torch.Generator(device).manual_seed(args.seed)  # noise of online actions (resumable stream)
+    # The current training episode: reset with a known seed and its actions kept, so a resume can replay it.
+    obs, done, episode_seed, episode_actions, episode_return, episodes_started = None, True, None, [], 0.0, 0
+    exploration = {"exploration/success": float("nan"), "exploration/episode.return": float("nan"),
+                   "exploration/episode.length": float("nan"), "exploration/episodes": 0}
+    start_step = 1
+    from_offline = checkpoint is not None and "buffer" not in checkpoint  # written by deflow_offline.py
+    if checkpoint is not None:
+        try:
+            agent.load_state_dict(checkpoint["agent"])
+            if not from_offline:
+                buffer.load_online_state(checkpoint["buffer"])
+        except (RuntimeError, ValueError) as e:
+            sys.exit(f"error: checkpoint {args.resume} does not fit this environment/dataset/network "
+                     f"(obs {obs_dim}, actions {action_dim}): {' '.join(str(e).split())[:400]}")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        start_step = checkpoint["step"] + 1
+    if checkpoint is not None and not from_offline:
+        act_generator.set_state(checkpoint["rng"]["act"])
+        saved = checkpoint["online"]
+        episodes_started, exploration = saved["episodes_started"], saved["exploration"]
+        if not saved["done"]:  # mid-episode: bring the training environment back to where it was
+            episode_seed, episode_return = saved["episode_seed"], saved["episode_return"]
+            episode_actions = list(saved["episode_actions"].numpy())
+            obs = replay_episode(env, episode_seed, episode_actions)
+            done = False
+            if not np.array_equal(obs, saved["obs"].numpy()):
+                print("warning: replaying the interrupted training episode did not reproduce its state (another "
+                      "machine or MuJoCo version?); starting a new episode, so the run no longer matches exactly")
+                done = True
+        run_dir = Path(args.resume).parent
+        for name in ("train.csv", "eval.csv"):
+            truncate_csv(run_dir / name, checkpoint["step"])
+        print(f"resuming {run_dir} at step {start_step}")
+    else:
+        run_name = f"{args.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.run_dir) / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if from_offline:  # an offline run goes on in a run directory of its own (its logs have other columns)
+            print(f"continuing the deflow_offline.py run {Path(args.resume).parent} from step {start_step} in {run_dir}")
+    atomic_write(run_dir / "args.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, id=run_dir.name,
+                   config=dataclasses.asdict(args), dir=str(run_dir), resume="allow")
+    print(f"{args.env_name}: {len(train_np['actions'])} train / {len(val_np['actions'])} val transitions, "
+          f"obs {obs_dim}, actions {action_dim}, device {device}, "
+          f"{sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trained parameters, replay buffer "
+          f"{buffer.capacity:,} transitions ({buffer_gb:.2f} GB{', balanced' if args.balanced_sampling else ''}) "
+          f"-> {run_dir}")
+
+    def log(name: str, row: dict, step: int) -> None:
+        append_csv(run_dir / name, {"step": step, **row})
+        if args.track:
+            wandb.log(row, step=step)
+
+    def save_checkpoint(step: int) -> None:
+        online_state = {"done": done, "obs": None if obs is None else torch.as_tensor(obs),
+                        "episode_seed": episode_seed, "episode_return": episode_return,
+                        "episode_actions": torch.as_tensor(np.array(episode_actions).reshape(-1, action_dim)),
+                        "episodes_started": episodes_started, "exploration": exploration}
+        state = {"args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
+                 "optimizer": optimizer.state_dict(), "buffer": buffer.online_state(), "online": online_state,
+                 "rng": {"torch": torch.get_rng_state(), "act": act_generator.get_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        atomic_write(run_dir / "checkpoint.pt", lambda f: torch.save(state, f))
+
+    # Non-finite losses are recorded on the device (first bad step per term) and read at log intervals only.
+    first_bad_step = None
+    total_steps = args.offline_steps + args.online_steps
+    start_time = last_log_time = time.time()
+    last_log_step, env_time, env_steps = start_step - 1, 0.0, 0
+    progress = tqdm(range(start_step, total_steps + 1), initial=start_step - 1, total=total_steps,
+                    smoothing=0.1, dynamic_ncols=True)
+    for step in progress:
+        online = step > args.offline_steps
+        if online:  # one environment step with the current policy, stored before the update
+            env_start = time.perf_counter()
+            if done:
+                episode_seed = args.seed + 1_000_000 + episodes_started  # never one of evaluation's seeds (seed + j)
+                episodes_started += 1
+                obs, _ = env.reset(seed=episode_seed)
+                episode_actions, episode_return = [], 0.0
+            with torch.no_grad():
+                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+                action = sample_actions(agent, obs_t, args.flow_steps, act_generator)[0].cpu().numpy()
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+            buffer.add(transition(obs, action, reward, terminated, truncated, next_obs))
+            episode_actions.append(action)
+            episode_return += float(reward)
+            obs = next_obs
+            if done:
+                exploration = {"exploration/success": float(info["success"]),
+                               "exploration/episode.return": episode_return,
+                               "exploration/episode.length": len(episode_actions),
+                               "exploration/episodes": episodes_started}
+            env_time += time.perf_counter() - env_start
+            env_steps += 1
+
+        is_phase_end = step in (args.offline_steps, total_steps)
+        is_log_step = step % args.log_interval == 0 or is_phase_end
+        metrics = update(agent, optimizer, draw_batch(online), args, with_mse=is_log_step,
+                         train_flow=not (online and args.fix_bc_flow_online))
+
+        checked = [name for name in metrics if name != "actor/mse"]  # the same terms on every step
+        values = torch.stack([metrics[name] for name in checked])
+        if first_bad_step is None:
+            first_bad_step = torch.zeros_like(values, dtype=torch.long)
+        first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(values), step, first_bad_step)
+
+        is_save_step = step % args.save_interval == 0 or step == total_steps
+        if is_log_step or is_save_step:
+            if first_bad_step.any():
+                bad = [(int(s), name) for s, name in zip(first_bad_step.tolist(), checked) if s > 0]
+                s, name = min(bad)
+                sys.exit(f"error: training/{name} became non-finite at step {s} (now {metrics[name].item()}; "
+                         f"non-finite since: {', '.join(f'{n} at {t}' for t, n in sorted(bad))}). Nothing was saved "
+                         f"after step {s}; the last checkpoint in {run_dir} (if any) is intact. "
+                         f"Check the dataset for NaNs or lower --lr.")
+        if is_log_step:
+            with torch.no_grad():
+                _, val_metrics = deflow_losses(agent, sample_batch(val_data, args.batch_size), args, with_mse=True)
+            now = time.time()
+            row = {f"training/{k}": v.item() for k, v in metrics.items()}
+            row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
+            row["time/epoch_time"] = (now - last_log_time) / (step - last_log_step)
+            row["time/env_time"] = env_time / env_steps if env_steps else float("nan")  # acting + env.step
+            row["time/total_time"] = now - start_time
+            row.update(exploration)
+            last_log_time, last_log_step, env_time, env_steps = now, step, 0.0, 0
+            log("train.csv", row, step)
+            progress.set_postfix(phase="online" if online else "offline",
+                                 critic=f"{row['training/critic/critic_loss']:.3g}",
+                                 alpha=f"{row['training/actor/alpha_value']:.3g}")
+            tqdm.write(f"step {step}: critic_loss {row['training/critic/critic_loss']:.4f}  "
+                       f"bc_flow_loss {row['training/actor/bc_flow_loss']:.4f}  "
+                       f"distill_loss {row['training/actor/distill_loss']:.2e}  "
+                       f"alpha {row['training/actor/alpha_value']:.3f}  q {row['training/actor/q']:.3f}  "
+                       f"mse {row['training/actor/mse']:.4f}" +
+                       (f"  | {exploration['exploration/episodes']} training episodes, last: success "
+                        f"{exploration['exploration/success']:.0f}, return "
+                        f"{exploration['exploration/episode.return']:.1f}" if online else ""))
+        if args.eval_interval > 0 and (step == 1 or step % args.eval_interval == 0 or is_phase_end):
+            eval_metrics = evaluate(agent, eval_env, args.eval_episodes, args.flow_steps, args.seed)
+            log("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
+            tqdm.write(f"step {step} ({'online' if online else 'offline'}): evaluation/success "
+                       f"{eval_metrics['success']:.3f} (return {eval_metrics['episode.return']:.1f}, "
+                       f"length {eval_metrics['episode.length']:.0f}, {args.eval_episodes} episodes)")
+        if is_save_step:
+            save_checkpoint(step)
+        if step == args.offline_steps and args.online_steps > 0:
+            tqdm.write(f"step {step}: offline phase done, going online for {args.online_steps} environment steps"
+                       + (" with the BC flow frozen" if args.fix_bc_flow_online else ""))
+    progress.close()
+    print(f"done: {run_dir}")
+    if args.track:
+        wandb.finish()
