@@ -127,7 +127,7 @@ class Args:
     log_interval: int = 5000
     """log training and validation losses every this many updates"""
     eval_interval: int = 100_000
-    """evaluate at update 1, every this many updates and at the end (0: never)"""
+    """evaluate at update 1, every this many updates (global counter), at the end of each phase (0: never)"""
     eval_episodes: int = 50
     """episodes per evaluation"""
     save_interval: int = 1_000_000

@@ -95,12 +95,13 @@ def test_corrupt_checkpoint(tmp_path):
     assert result.returncode != 0 and "corrupt or not a DeFlow checkpoint" in result.stderr
 
 
-def test_help_documents_every_flag():
+@pytest.mark.parametrize("script", ["deflow_offline.py", "deflow_o2o.py"])
+def test_help_documents_every_flag(script):
     import dataclasses
+    import importlib
 
-    from deflow_offline import Args
-
-    text = run_script("--help").stdout
-    for field in dataclasses.fields(Args):
-        assert "--" + field.name.replace("_", "-") in text
+    text = run_script("--help", script=script).stdout
+    for field in dataclasses.fields(importlib.import_module(script[:-3]).Args):
+        flag = "--" + field.name.replace("_", "-")
+        assert f"{flag} " in text or f"{flag}," in text
     assert "target divergence" in text.lower() or "delta" in text
