@@ -56,6 +56,11 @@ Deviations from the official code (everything else follows it; ../shared/SPEC.md
     at the end of the offline phase and at the last step. (Officially the eval RNG comes from numpy's global RNG
     and resets are unseeded.)
   - OGBench >= 1.2 semantics (success judged on the pre-step state), as the installed package does.
+  - --eval-sampler max-q / iterative exist officially (sample_actions_max_q, sample_actions_iterative_refinement) but
+    no command reaches them. Here they are flags, batched over states, and max-q takes the argmax of Q (the official
+    code takes the argmin, against its own docstring). Defaults N = 10 and K = 5 are the official ones.
+  - --target-divergence auto is new: delta = c x IAV, the heuristic of the paper's README, which has no code
+    officially (common/iav.py: k = 5, raw observations, the query itself excluded, population variance).
   - A non-finite loss stops the run with the step and the term (checked on the device, read at log intervals).
   - Checkpoints are one resumable file (args, step, all modules incl. log_alpha, Adam state, RNG states, the online
     part of the replay buffer and the state of the current training episode).
@@ -71,7 +76,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -80,6 +85,7 @@ import tyro
 from tqdm import tqdm
 
 from common.datasets import DatasetError, load_env_and_datasets, make_env
+from common.iav import auto_target_divergence
 
 
 @dataclasses.dataclass
@@ -96,8 +102,7 @@ class Args:
     run_dir: str = "runs"
     """folder that holds one sub-folder per run (args.json, train.csv, eval.csv, checkpoint.pt)"""
     resume: Optional[str] = None
-    """checkpoint.pt of an earlier run: continue it exactly (same settings unless a flag here overrides one); a
-    deflow_offline.py checkpoint goes on with --online-steps in a new run directory"""
+    """checkpoint.pt to continue exactly (flags here override its settings); of deflow_offline.py: go online"""
     track: bool = False
     """also log to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "deflow"
@@ -156,8 +161,12 @@ class Args:
     """how the TD target aggregates the 2 target critics (the actor always uses the mean)"""
     flow_steps: int = 10
     """Euler steps of the BC flow"""
-    target_divergence: float = 0.001
-    """delta: the Lagrangian keeps mean(refinement^2) (per action dimension) near this"""
+    target_divergence: Union[float, Literal["auto"]] = 0.001
+    """delta: the Lagrangian keeps mean(refinement^2) near this; 'auto': --iav-scale x the dataset's IAV (README)"""
+    iav_scale: Optional[float] = None
+    """c in delta = c x IAV for --target-divergence auto; None: 0.1 for manipulation, 1.0 for navigation"""
+    iav_queries: int = 10_000
+    """query states for the IAV of --target-divergence auto (0: every transition)"""
     use_lagrange: bool = True
     """learn the penalty weight alpha by the Lagrangian (every recipe); off: fixed --alpha"""
     alpha: float = 10.0
@@ -166,6 +175,14 @@ class Args:
     """scale the Q loss by 1 / mean|Q| (every official recipe sets this)"""
     fix_bc_flow_online: bool = False
     """freeze the BC flow online (no gradient, no optimizer step); the refinement, critic and alpha keep learning"""
+
+    # --- evaluation-time action selection (training always uses the plain sampler) ---
+    eval_sampler: Literal["flow", "max-q", "iterative"] = "flow"
+    """flow: the paper's pi(s); max-q: the best of --num-samples by Q, refined; iterative: best of --refine-steps"""
+    num_samples: int = 10
+    """flow samples per state for --eval-sampler max-q"""
+    refine_steps: int = 5
+    """refinements for --eval-sampler iterative (candidates: this many + 1)"""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,6 +261,37 @@ def sample_actions(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int,
     noise = torch.randn((*obs.shape[:-1], agent.flow.action_dim), device=obs.device, generator=generator)
     base_actions = flow_actions(agent.flow, obs, noise, flow_steps)
     return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
+
+
+def sample_actions_max_q(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int, num_samples: int,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Refine the base action with the highest ensemble-mean Q among N flow samples per state (batched)."""
+    noise = torch.randn((obs.shape[0], num_samples, agent.flow.action_dim), device=obs.device, generator=generator)
+    obs_n = obs[:, None].expand(-1, num_samples, -1)
+    base_actions = flow_actions(agent.flow, obs_n, noise, flow_steps)  # (B, N, A)
+    best = agent.critic(obs_n, base_actions).mean(dim=0).argmax(dim=1)  # official code: argmin (a bug)
+    base_actions = base_actions[torch.arange(obs.shape[0], device=obs.device), best]
+    return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
+
+
+def sample_actions_iterative(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int, refine_steps: int,
+                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """a_0 = base action, a_{k+1} = clip(a_k + f(s, a_k)); keep the highest ensemble-mean Q of a_0..a_K (batched)."""
+    noise = torch.randn((obs.shape[0], agent.flow.action_dim), device=obs.device, generator=generator)
+    candidates = [flow_actions(agent.flow, obs, noise, flow_steps)]
+    for _ in range(refine_steps):
+        candidates.append((candidates[-1] + agent.refine(obs, candidates[-1])).clamp(-1, 1))
+    candidates = torch.stack(candidates, dim=1)  # (B, K + 1, A)
+    best = agent.critic(obs[:, None].expand(-1, refine_steps + 1, -1), candidates).mean(dim=0).argmax(dim=1)
+    return candidates[torch.arange(obs.shape[0], device=obs.device), best]
+
+
+def eval_actions(agent: DeFlowAgent, obs: torch.Tensor, args: Args, generator: torch.Generator) -> torch.Tensor:
+    if args.eval_sampler == "max-q":
+        return sample_actions_max_q(agent, obs, args.flow_steps, args.num_samples, generator)
+    if args.eval_sampler == "iterative":
+        return sample_actions_iterative(agent, obs, args.flow_steps, args.refine_steps, generator)
+    return sample_actions(agent, obs, args.flow_steps, generator)
 
 
 def flow_matching_loss(flow: VectorField, obs: torch.Tensor, actions: torch.Tensor, x_0: torch.Tensor,
@@ -419,7 +467,7 @@ def replay_episode(env, seed: int, actions: list[np.ndarray]):
 # Evaluation: success at the last step of each episode (episodes end at success), as OGBench reports it.
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(agent: DeFlowAgent, env, num_episodes: int, flow_steps: int, seed: int) -> dict[str, float]:
+def evaluate(agent: DeFlowAgent, env, num_episodes: int, args: Args, seed: int) -> dict[str, float]:
     device = agent.log_alpha.device
     generator = torch.Generator(device).manual_seed(seed)
     successes, returns, lengths = [], [], []
@@ -428,7 +476,7 @@ def evaluate(agent: DeFlowAgent, env, num_episodes: int, flow_steps: int, seed: 
         done, episode_return, length = False, 0.0, 0
         while not done:
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            action = sample_actions(agent, obs_t, flow_steps, generator)[0].cpu().numpy()
+            action = eval_actions(agent, obs_t, args, generator)[0].cpu().numpy()
             obs, reward, terminated, truncated, info = env.step(np.clip(action, -1, 1))
             done = terminated or truncated
             episode_return += float(reward)
@@ -524,6 +572,12 @@ if __name__ == "__main__":
     train_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in train_np.items()}
     val_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
     obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]
+    iav_report = None
+    if args.target_divergence == "auto":  # delta = c x IAV of this dataset; a resumed run keeps the saved delta
+        iav_report = auto_target_divergence(args.env_name, train_np["observations"], train_np["actions"],
+                                            args.iav_scale, args.iav_queries, args.seed, device)
+        args.target_divergence, args.iav_scale = iav_report["target_divergence"], iav_report["scale"]
+        print(iav_report["message"])
 
     # Replay buffer. Default: the dataset is the buffer's first rows and online data follows (the dataset is then
     # held only there). Balanced: the dataset stays apart and online data goes to an empty buffer of its own.
@@ -591,13 +645,15 @@ if __name__ == "__main__":
         if from_offline:  # an offline run goes on in a run directory of its own (its logs have other columns)
             print(f"continuing the deflow_offline.py run {Path(args.resume).parent} from step {start_step} in {run_dir}")
     atomic_write(run_dir / "args.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
+    if iav_report is not None:
+        atomic_write(run_dir / "iav.json", lambda f: f.write(json.dumps(iav_report, indent=2).encode()))
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, id=run_dir.name,
                    config=dataclasses.asdict(args), dir=str(run_dir), resume="allow")
     print(f"{args.env_name}: {len(train_np['actions'])} train / {len(val_np['actions'])} val transitions, "
-          f"obs {obs_dim}, actions {action_dim}, device {device}, "
+          f"obs {obs_dim}, actions {action_dim}, delta {args.target_divergence:.3g}, device {device}, "
           f"{sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trained parameters, replay buffer "
           f"{buffer.capacity:,} transitions ({buffer_gb:.2f} GB{', balanced' if args.balanced_sampling else ''}) "
           f"-> {run_dir}")
@@ -695,7 +751,7 @@ if __name__ == "__main__":
                         f"{exploration['exploration/success']:.0f}, return "
                         f"{exploration['exploration/episode.return']:.1f}" if online else ""))
         if args.eval_interval > 0 and (step == 1 or step % args.eval_interval == 0 or is_phase_end):
-            eval_metrics = evaluate(agent, eval_env, args.eval_episodes, args.flow_steps, args.seed)
+            eval_metrics = evaluate(agent, eval_env, args.eval_episodes, args, args.seed)
             log("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             tqdm.write(f"step {step} ({'online' if online else 'offline'}): evaluation/success "
                        f"{eval_metrics['success']:.3f} (return {eval_metrics['episode.return']:.1f}, "
