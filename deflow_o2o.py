@@ -51,10 +51,14 @@ Deviations from the official code (everything else follows it; ../shared/SPEC.md
   - The refinement network's width is its own flag (--refine-hidden-dims); the default equals the official 4x512.
   - The target critic is kept out of the optimizer (officially it sits in Adam but never gets a gradient: same result).
   - The `actor/mse` metric (a third 10-step flow rollout) is computed only on logging steps, not on every update.
-  - Evaluation draws its noise from its own generator and resets episode j with seed (seed + j), so an evaluation
-    consumes no training randomness and every evaluation sees the same start states; there are also evaluations
-    at the end of the offline phase and at the last step. (Officially the eval RNG comes from numpy's global RNG
-    and resets are unseeded.)
+  - Evaluation runs --eval-envs episodes side by side with one batched policy call per step, on environments of
+    its own. Episode j is reset with seed (seed + j) and draws its noise from its own generator seeded (seed + j),
+    so an evaluation consumes no training randomness, every evaluation sees the same start states, and an episode's
+    result does not depend on the episodes beside it; there are also evaluations at the end of the offline phase
+    and at the last step. (Officially episodes run one by one, the eval RNG comes from numpy's global RNG and
+    resets are unseeded.)
+  - --compile (new, off by default) runs the same update through torch.compile, and on CUDA replays it as CUDA
+    graphs; the eager code below is the reference it must match (tests/test_speed.py).
   - OGBench >= 1.2 semantics (success judged on the pre-step state), as the installed package does.
   - --eval-sampler max-q / iterative exist officially (sample_actions_max_q, sample_actions_iterative_refinement) but
     no command reaches them. Here they are flags, batched over states, and max-q takes the argmax of Q (the official
@@ -135,6 +139,8 @@ class Args:
     """evaluate at update 1, every this many updates (global counter), at the end of each phase (0: never)"""
     eval_episodes: int = 50
     """episodes per evaluation"""
+    eval_envs: int = 50
+    """environments that run the evaluation episodes side by side (one batched policy call per step)"""
     save_interval: int = 1_000_000
     """write checkpoint.pt every this many updates (and always at the end)"""
 
@@ -173,6 +179,10 @@ class Args:
     """fixed penalty weight, only with --no-use-lagrange"""
     normalize_q_loss: bool = True
     """scale the Q loss by 1 / mean|Q| (every official recipe sets this)"""
+
+    # --- speed (changes no math) ---
+    compile: bool = False
+    """torch.compile the training step (batch draw + update); on CUDA also replay it as CUDA graphs"""
     fix_bc_flow_online: bool = False
     """freeze the BC flow online (no gradient, no optimizer step); the refinement, critic and alpha keep learning"""
 
@@ -255,29 +265,26 @@ def flow_actions(flow: VectorField, obs: torch.Tensor, noise: torch.Tensor, flow
     return x.clamp(-1, 1)
 
 
-def sample_actions(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """pi(s) = clip(a_base + f(s, a_base), -1, 1) with a_base from fresh noise (no temperature)."""
-    noise = torch.randn((*obs.shape[:-1], agent.flow.action_dim), device=obs.device, generator=generator)
+# The samplers take their noise as an input (fresh N(0, I) per call; no temperature), so that the caller decides where
+# it comes from: the global stream in the update, one stream per episode in evaluation.
+def sample_actions(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Tensor, flow_steps: int) -> torch.Tensor:
+    """pi(s) = clip(a_base + f(s, a_base), -1, 1), a_base = the flow's action from `noise` (shape (..., A))."""
     base_actions = flow_actions(agent.flow, obs, noise, flow_steps)
     return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
 
 
-def sample_actions_max_q(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int, num_samples: int,
-                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Refine the base action with the highest ensemble-mean Q among N flow samples per state (batched)."""
-    noise = torch.randn((obs.shape[0], num_samples, agent.flow.action_dim), device=obs.device, generator=generator)
-    obs_n = obs[:, None].expand(-1, num_samples, -1)
+def sample_actions_max_q(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Tensor, flow_steps: int) -> torch.Tensor:
+    """Refine the base action with the highest ensemble-mean Q among N flow samples per state; noise (B, N, A)."""
+    obs_n = obs[:, None].expand(-1, noise.shape[1], -1)
     base_actions = flow_actions(agent.flow, obs_n, noise, flow_steps)  # (B, N, A)
     best = agent.critic(obs_n, base_actions).mean(dim=0).argmax(dim=1)  # official code: argmin (a bug)
     base_actions = base_actions[torch.arange(obs.shape[0], device=obs.device), best]
     return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
 
 
-def sample_actions_iterative(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: int, refine_steps: int,
-                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_actions_iterative(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Tensor, flow_steps: int,
+                             refine_steps: int) -> torch.Tensor:
     """a_0 = base action, a_{k+1} = clip(a_k + f(s, a_k)); keep the highest ensemble-mean Q of a_0..a_K (batched)."""
-    noise = torch.randn((obs.shape[0], agent.flow.action_dim), device=obs.device, generator=generator)
     candidates = [flow_actions(agent.flow, obs, noise, flow_steps)]
     for _ in range(refine_steps):
         candidates.append((candidates[-1] + agent.refine(obs, candidates[-1])).clamp(-1, 1))
@@ -286,12 +293,17 @@ def sample_actions_iterative(agent: DeFlowAgent, obs: torch.Tensor, flow_steps: 
     return candidates[torch.arange(obs.shape[0], device=obs.device), best]
 
 
-def eval_actions(agent: DeFlowAgent, obs: torch.Tensor, args: Args, generator: torch.Generator) -> torch.Tensor:
+def eval_actions(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Tensor, args: Args) -> torch.Tensor:
+    """The --eval-sampler's action; noise has shape eval_noise_shape(args, A) per state."""
     if args.eval_sampler == "max-q":
-        return sample_actions_max_q(agent, obs, args.flow_steps, args.num_samples, generator)
+        return sample_actions_max_q(agent, obs, noise, args.flow_steps)
     if args.eval_sampler == "iterative":
-        return sample_actions_iterative(agent, obs, args.flow_steps, args.refine_steps, generator)
-    return sample_actions(agent, obs, args.flow_steps, generator)
+        return sample_actions_iterative(agent, obs, noise, args.flow_steps, args.refine_steps)
+    return sample_actions(agent, obs, noise, args.flow_steps)
+
+
+def eval_noise_shape(args: Args, action_dim: int) -> tuple[int, ...]:
+    return (args.num_samples, action_dim) if args.eval_sampler == "max-q" else (action_dim,)
 
 
 def flow_matching_loss(flow: VectorField, obs: torch.Tensor, actions: torch.Tensor, x_0: torch.Tensor,
@@ -315,26 +327,30 @@ def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args
                   train_flow: bool = True):
     """Return (total loss, metrics dict of 0-d tensors) for one batch. Official metric names."""
     obs, actions = batch["observations"], batch["actions"]
+    # The update's random draws, first: N(0, I) noise for the TD target's actions, the flow-matching start x_0 and the
+    # base actions, then the flow-matching time t ~ U[0, 1), one per sample. (One randn: torch.compile 2.13 would merge
+    # separate randn_like calls into one draw, silently reusing the same noise.)
+    next_noise, x_0, base_noise = torch.randn((3, *actions.shape), device=actions.device).unbind(0)
+    t = torch.rand((actions.shape[0], 1), device=actions.device)
 
     # Critic: TD target with the current policy and the target critic, all without gradient.
     with torch.no_grad():
-        next_actions = sample_actions(agent, batch["next_observations"], args.flow_steps)
+        next_actions = sample_actions(agent, batch["next_observations"], next_noise, args.flow_steps)
         next_qs = agent.target_critic(batch["next_observations"], next_actions)
         next_q = next_qs.min(dim=0).values if args.q_agg == "min" else next_qs.mean(dim=0)
         target_q = batch["rewards"] + args.discount * batch["masks"] * next_q
     qs = agent.critic(obs, actions)
     critic_loss = (qs - target_q).square().mean()
 
-    # Flow matching: x_0 ~ N(0, I), t ~ U[0, 1), one t per sample. Frozen flow: no loss (logged as 0, as officially).
+    # Flow matching. Frozen flow: no loss (logged as 0, as officially).
     if train_flow:
-        t = torch.rand((actions.shape[0], 1), device=actions.device)
-        bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, torch.randn_like(actions), t)
+        bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, x_0, t)
     else:
         bc_flow_loss = torch.zeros((), device=obs.device)
 
     # Refinement of base actions from the flow. No gradient reaches the flow through a_base.
     with torch.no_grad():
-        base_actions = flow_actions(agent.flow, obs, torch.randn_like(actions), args.flow_steps)
+        base_actions = flow_actions(agent.flow, obs, base_noise, args.flow_steps)
     refinement = agent.refine(obs, base_actions)
     distill_loss = refinement.square().mean()  # D: mean over batch and action dims (per-dimension size)
 
@@ -363,7 +379,8 @@ def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args
     }
     if with_mse:
         with torch.no_grad():
-            metrics["actor/mse"] = (sample_actions(agent, obs, args.flow_steps) - actions).square().mean()
+            policy = sample_actions(agent, obs, torch.randn(actions.shape, device=obs.device), args.flow_steps)
+            metrics["actor/mse"] = (policy - actions).square().mean()
     return critic_loss + actor_loss, metrics
 
 
@@ -464,28 +481,38 @@ def replay_episode(env, seed: int, actions: list[np.ndarray]):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation: success at the last step of each episode (episodes end at success), as OGBench reports it.
+# Evaluation: success at the last step of each episode (episodes end at success), as OGBench reports it. The episodes
+# run len(envs) at a time with one batched policy call per step. Episode j is reset with seed + j and draws its noise
+# from its own generator seeded with seed + j, so its result does not depend on which episodes run beside it.
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(agent: DeFlowAgent, env, num_episodes: int, args: Args, seed: int) -> dict[str, float]:
+def evaluate(agent: DeFlowAgent, envs: list, num_episodes: int, args: Args, seed: int,
+             policy=eval_actions) -> dict[str, float]:
     device = agent.log_alpha.device
-    generator = torch.Generator(device).manual_seed(seed)
-    successes, returns, lengths = [], [], []
-    for episode in range(num_episodes):
-        obs, info = env.reset(seed=seed + episode)
-        done, episode_return, length = False, 0.0, 0
-        while not done:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            action = eval_actions(agent, obs_t, args, generator)[0].cpu().numpy()
-            obs, reward, terminated, truncated, info = env.step(np.clip(action, -1, 1))
-            done = terminated or truncated
-            episode_return += float(reward)
-            length += 1
-        successes.append(float(info["success"]))
-        returns.append(episode_return)
-        lengths.append(length)
-    return {"success": float(np.mean(successes)), "episode.return": float(np.mean(returns)),
-            "episode.length": float(np.mean(lengths))}
+    noise_shape = eval_noise_shape(args, agent.flow.action_dim)
+    episodes = iter(range(num_episodes))
+    running = {}  # env index -> the state of the episode it runs
+    finished = []  # (success, return, length) of each finished episode
+    while True:
+        for i, env in enumerate(envs):  # free environments start the next episodes
+            if i not in running and (episode := next(episodes, None)) is not None:
+                obs, _ = env.reset(seed=seed + episode)
+                running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(seed + episode), "return": 0.0,
+                              "length": 0}
+        if not running:
+            break
+        obs = torch.as_tensor(np.stack([e["obs"] for e in running.values()]), dtype=torch.float32, device=device)
+        noise = torch.stack([torch.randn(noise_shape, generator=e["noise"]) for e in running.values()]).to(device)
+        actions = policy(agent, obs, noise, args).cpu().numpy()
+        for (i, state), action in zip(list(running.items()), actions):
+            state["obs"], reward, terminated, truncated, info = envs[i].step(np.clip(action, -1, 1))
+            state["return"] += float(reward)
+            state["length"] += 1
+            if terminated or truncated:
+                finished.append((float(info["success"]), state["return"], state["length"]))
+                del running[i]
+    success, episode_return, length = np.mean(finished, axis=0)
+    return {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -568,7 +595,8 @@ if __name__ == "__main__":
                                                       args.generate_episodes, args.num_workers, args.seed)
     except DatasetError as e:
         sys.exit(f"error: {e}")
-    eval_env = make_env(args.env_name)  # its own instance: evaluating never disturbs the training episode
+    # Evaluation has environments of its own: evaluating never disturbs the training episode.
+    eval_envs = [make_env(args.env_name) for _ in range(max(1, min(args.eval_envs, args.eval_episodes)))]
     train_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in train_np.items()}
     val_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
     obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]
@@ -674,6 +702,15 @@ if __name__ == "__main__":
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         atomic_write(run_dir / "checkpoint.pt", lambda f: torch.save(state, f))
 
+    # --compile: the same math in fewer, fused kernels. On CUDA "reduce-overhead" also records the update as CUDA graphs
+    # and replays them (no per-kernel launches). The batch is drawn outside (the buffer's size changes every online
+    # step), on the device; the noise is drawn inside.
+    update_fn, policy_fn, compiled = update, eval_actions, args.compile
+    if compiled:
+        update_fn = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None)
+        policy_fn = torch.compile(eval_actions, dynamic=True)  # evaluation batches shrink as episodes end
+        print("--compile: the first update and the first evaluation compile first (a minute or two each)")
+
     # Non-finite losses are recorded on the device (first bad step per term) and read at log intervals only.
     first_bad_step = None
     total_steps = args.offline_steps + args.online_steps
@@ -692,7 +729,8 @@ if __name__ == "__main__":
                 episode_actions, episode_return = [], 0.0
             with torch.no_grad():
                 obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-                action = sample_actions(agent, obs_t, args.flow_steps, act_generator)[0].cpu().numpy()
+                noise = torch.randn((1, action_dim), device=device, generator=act_generator)
+                action = sample_actions(agent, obs_t, noise, args.flow_steps)[0].cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
             done = terminated or truncated
             buffer.add(transition(obs, action, reward, terminated, truncated, next_obs))
@@ -709,7 +747,9 @@ if __name__ == "__main__":
 
         is_phase_end = step in (args.offline_steps, total_steps)
         is_log_step = step % args.log_interval == 0 or is_phase_end
-        metrics = update(agent, optimizer, draw_batch(online), args, with_mse=is_log_step,
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
+        metrics = update_fn(agent, optimizer, draw_batch(online), args, with_mse=is_log_step,
                          train_flow=not (online and args.fix_bc_flow_online))
 
         checked = [name for name in metrics if name != "actor/mse"]  # the same terms on every step
@@ -751,7 +791,7 @@ if __name__ == "__main__":
                         f"{exploration['exploration/success']:.0f}, return "
                         f"{exploration['exploration/episode.return']:.1f}" if online else ""))
         if args.eval_interval > 0 and (step == 1 or step % args.eval_interval == 0 or is_phase_end):
-            eval_metrics = evaluate(agent, eval_env, args.eval_episodes, args, args.seed)
+            eval_metrics = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, policy_fn)
             log("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             tqdm.write(f"step {step} ({'online' if online else 'offline'}): evaluation/success "
                        f"{eval_metrics['success']:.3f} (return {eval_metrics['episode.return']:.1f}, "

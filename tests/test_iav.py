@@ -82,8 +82,8 @@ def test_max_q_refines_the_highest_q_sample_per_state(w):
     constant_refinement(agent, 0.0)
     obs = torch.randn(4, 3)
     with torch.no_grad():
-        got = sample_actions_max_q(agent, obs, args.flow_steps, 10, torch.Generator().manual_seed(5))
-        noise = torch.randn((4, 10, 2), generator=torch.Generator().manual_seed(5))
+        noise = torch.randn((4, 10, 2))
+        got = sample_actions_max_q(agent, obs, noise, args.flow_steps)
         samples = flow_actions(agent.flow, obs[:, None].expand(-1, 10, -1), noise, args.flow_steps)
     q = samples @ torch.tensor(w)
     torch.testing.assert_close(got, samples[torch.arange(4), q.argmax(1)])
@@ -95,12 +95,12 @@ def test_iterative_keeps_the_unrefined_action_among_its_candidates():
     constant_refinement(agent, 0.3)  # every refinement raises each action dimension by 0.3 (then clips)
     obs = torch.randn(6, 3)
     with torch.no_grad():
-        a0 = flow_actions(agent.flow, obs, torch.randn((6, 2), generator=torch.Generator().manual_seed(2)),
-                          args.flow_steps)
+        noise = torch.randn((6, 2))
+        a0 = flow_actions(agent.flow, obs, noise, args.flow_steps)
         agent.critic = LinearQ([-1.0, -1.0])  # prefers low actions: the unrefined a0 is the best candidate
-        low = sample_actions_iterative(agent, obs, args.flow_steps, 5, torch.Generator().manual_seed(2))
+        low = sample_actions_iterative(agent, obs, noise, args.flow_steps, 5)
         agent.critic = LinearQ([1.0, 1.0])  # prefers high actions: the fifth refinement
-        high = sample_actions_iterative(agent, obs, args.flow_steps, 5, torch.Generator().manual_seed(2))
+        high = sample_actions_iterative(agent, obs, noise, args.flow_steps, 5)
     torch.testing.assert_close(low, a0)
     torch.testing.assert_close(high, (a0 + 5 * 0.3).clamp(-1, 1))
 

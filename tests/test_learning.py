@@ -39,7 +39,7 @@ def test_deflow_picks_the_best_mode_and_stays_on_the_data():
     with torch.no_grad():
         obs = torch.zeros(2000, 2)
         base = flow_actions(agent.flow, obs, torch.randn(2000, 2), args.flow_steps)
-        policy = sample_actions(agent, obs, args.flow_steps)
+        policy = sample_actions(agent, obs, torch.randn(2000, 2), args.flow_steps)
     at_best = lambda a: ((a[:, 0] - BEST_X).abs() < 0.1).float().mean().item()  # noqa: E731
     distance_to_data = torch.cdist(policy, data["actions"]).min(dim=1).values
 

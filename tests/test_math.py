@@ -54,7 +54,7 @@ def test_policy_adds_refinement_and_clips():
     agent, args = tiny_agent()
     with torch.no_grad():
         agent.refine.net[-1].bias.fill_(10.0)  # a huge refinement: the action must still be clipped to 1
-    actions = sample_actions(agent, torch.randn(9, 3), args.flow_steps)
+    actions = sample_actions(agent, torch.randn(9, 3), torch.randn(9, 2), args.flow_steps)
     assert actions.shape == (9, 2) and torch.all(actions == 1.0)
 
 
@@ -81,7 +81,8 @@ def test_alpha_rises_above_delta_and_falls_below(delta, direction):
         metrics = update(agent, optimizer, random_batch(seed=step), args)
         assert (metrics["actor/distill_loss"].item() > delta) == (direction > 0)
     change = agent.log_alpha.item() - before
-    assert change * direction > 0 and abs(change) == pytest.approx(20 * args.lr, rel=0.05)  # sign-driven Adam steps
+    # Sign-driven Adam steps of about lr each (a little less when |D - delta| varies from batch to batch).
+    assert change * direction > 0 and abs(change) == pytest.approx(20 * args.lr, rel=0.1)
 
 
 def gradients(loss, groups):
@@ -147,7 +148,8 @@ def test_td_target_uses_masks_and_q_agg():
         torch.manual_seed(2)
         _, m = deflow_losses(agent_q, batch, args_q)
         torch.manual_seed(2)
-        next_actions = sample_actions(agent_q, batch["next_observations"], args_q.flow_steps)
+        next_noise = torch.randn(3, 32, 2)[0]  # the update draws its noise for 3 uses in one call, TD first
+        next_actions = sample_actions(agent_q, batch["next_observations"], next_noise, args_q.flow_steps)
         next_qs = agent_q.target_critic(batch["next_observations"], next_actions)
         next_q = next_qs.min(0).values if q_agg == "min" else next_qs.mean(0)
         target = batch["rewards"] + 0.5 * next_q
