@@ -705,8 +705,8 @@ if __name__ == "__main__":
     # --compile: the same math in fewer, fused kernels. On CUDA "reduce-overhead" also records the update as CUDA graphs
     # and replays them (no per-kernel launches). The batch is drawn outside (the buffer's size changes every online
     # step), on the device; the noise is drawn inside.
-    update_fn, policy_fn, compiled = update, eval_actions, args.compile
-    if compiled:
+    update_fn, policy_fn = update, eval_actions
+    if args.compile:
         update_fn = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None)
         policy_fn = torch.compile(eval_actions, dynamic=True)  # evaluation batches shrink as episodes end
         print("--compile: the first update and the first evaluation compile first (a minute or two each)")
@@ -747,7 +747,7 @@ if __name__ == "__main__":
 
         is_phase_end = step in (args.offline_steps, total_steps)
         is_log_step = step % args.log_interval == 0 or is_phase_end
-        if compiled:
+        if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
         metrics = update_fn(agent, optimizer, draw_batch(online), args, with_mse=is_log_step,
                          train_flow=not (online and args.fix_bc_flow_online))

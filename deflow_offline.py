@@ -543,8 +543,8 @@ if __name__ == "__main__":
 
     # --compile: the same math in fewer, fused kernels. On CUDA "reduce-overhead" also records the step as CUDA graphs
     # and replays them (no per-kernel launches); the batch indices and all noise are drawn inside, on the device.
-    step_fn, policy_fn, compiled = train_step, eval_actions, args.compile
-    if compiled:
+    step_fn, policy_fn = train_step, eval_actions
+    if args.compile:
         step_fn = torch.compile(train_step, mode="reduce-overhead" if device.type == "cuda" else None)
         policy_fn = torch.compile(eval_actions, dynamic=True)  # evaluation batches shrink as episodes end
         print("--compile: the first update and the first evaluation compile first (a minute or two each)")
@@ -557,7 +557,7 @@ if __name__ == "__main__":
                     smoothing=0.1, dynamic_ncols=True)
     for step in progress:
         is_log_step = step % args.log_interval == 0 or step == args.offline_steps
-        if compiled:
+        if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
         metrics = step_fn(agent, optimizer, train_data, args, with_mse=is_log_step)
 

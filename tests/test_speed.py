@@ -5,7 +5,7 @@ import torch
 import deflow_offline
 from common.datasets import make_env
 from deflow_offline import evaluate, train_step
-from tests.conftest import random_batch, tiny_agent
+from tests.conftest import TINY_FLAGS, random_batch, run_script, tiny_agent
 
 ENV = "cube-single-play-singletask-task1-v0"
 
@@ -63,3 +63,15 @@ def test_side_by_side_policy_calls_match_one_state_at_a_time():
         batched = deflow_offline.eval_actions(agent, obs, noise, args)
         alone = torch.cat([deflow_offline.eval_actions(agent, obs[i:i + 1], noise[i:i + 1], args) for i in range(5)])
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
+def test_compile_flag_end_to_end(tmp_path, cube_dataset):
+    """deflow_o2o.py --compile through both phases (compiled update and evaluation policy), as a user runs it."""
+    result = run_script("--env-name", ENV, "--dataset-path", cube_dataset, "--run-dir", tmp_path, "--offline-steps", 3,
+                        "--online-steps", 3, "--log-interval", 3, "--eval-interval", 3, "--eval-episodes", 2,
+                        "--flow-steps", 2, "--compile", *TINY_FLAGS, script="deflow_o2o.py", timeout=600)
+    assert "--compile: the first update" in result.stdout
+    run_dir = next(tmp_path.glob("*__deflow_o2o__*"))
+    train = (run_dir / "train.csv").read_text().splitlines()
+    assert len(train) == 3 and "nan" not in train[2].split(",")[1]  # steps 3 and 6, finite losses
+    assert [line.split(",")[0] for line in (run_dir / "eval.csv").read_text().splitlines()[1:]] == ["1", "3", "6"]
