@@ -67,7 +67,8 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from common.datasets import DatasetError, load_env_and_datasets, make_env
+from common.datasets import DatasetError, load_env_and_datasets
+from common.envs import EnvPool
 from common.iav import auto_target_divergence
 
 
@@ -114,6 +115,8 @@ class Args:
     """episodes per evaluation"""
     eval_envs: int = 50
     """environments that run the evaluation episodes side by side (one batched policy call per step)"""
+    eval_workers: int = 0
+    """processes that step the evaluation environments (0: this one); worth it where cores are to spare"""
     save_interval: int = 1_000_000
     """write checkpoint.pt every this many updates (and always at the end)"""
 
@@ -380,7 +383,7 @@ def train_step(agent: DeFlowAgent, optimizer: torch.optim.Optimizer, data: dict[
 # from its own generator seeded with seed + j, so its result does not depend on which episodes run beside it.
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(agent: DeFlowAgent, envs: list, num_episodes: int, args: Args, seed: int,
+def evaluate(agent: DeFlowAgent, envs: EnvPool, num_episodes: int, args: Args, seed: int,
              policy=eval_actions) -> dict[str, float]:
     device = agent.log_alpha.device
     noise_shape = eval_noise_shape(args, agent.flow.action_dim)
@@ -388,22 +391,25 @@ def evaluate(agent: DeFlowAgent, envs: list, num_episodes: int, args: Args, seed
     running = {}  # env index -> the state of the episode it runs
     finished = []  # (success, return, length) of each finished episode
     while True:
-        for i, env in enumerate(envs):  # free environments start the next episodes
+        starts = {}  # free environments start the next episodes
+        for i in range(envs.num_envs):
             if i not in running and (episode := next(episodes, None)) is not None:
-                obs, _ = env.reset(seed=seed + episode)
-                running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(seed + episode), "return": 0.0,
+                starts[i] = episode
+        if starts:
+            for i, obs in envs.reset({i: seed + episode for i, episode in starts.items()}).items():
+                running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(seed + starts[i]), "return": 0.0,
                               "length": 0}
         if not running:
             break
         obs = torch.as_tensor(np.stack([e["obs"] for e in running.values()]), dtype=torch.float32, device=device)
         noise = torch.stack([torch.randn(noise_shape, generator=e["noise"]) for e in running.values()]).to(device)
         actions = policy(agent, obs, noise, args).cpu().numpy()
-        for (i, state), action in zip(list(running.items()), actions):
-            state["obs"], reward, terminated, truncated, info = envs[i].step(np.clip(action, -1, 1))
-            state["return"] += float(reward)
-            state["length"] += 1
+        steps = envs.step({i: np.clip(action, -1, 1) for i, action in zip(running, actions)})
+        for i, (next_obs, reward, terminated, truncated, success) in steps.items():
+            state = running[i]
+            state["obs"], state["return"], state["length"] = next_obs, state["return"] + reward, state["length"] + 1
             if terminated or truncated:
-                finished.append((float(info["success"]), state["return"], state["length"]))
+                finished.append((success, state["return"], state["length"]))
                 del running[i]
     success, episode_return, length = np.mean(finished, axis=0)
     return {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}
@@ -480,11 +486,12 @@ if __name__ == "__main__":
 
     # Environment and data (the dataset lives on the training device: a batch is one gather, no copy).
     try:
-        env, train_np, val_np = load_env_and_datasets(args.env_name, args.dataset_dir, args.dataset_path,
-                                                      args.generate_episodes, args.num_workers, args.seed)
+        _, train_np, val_np = load_env_and_datasets(args.env_name, args.dataset_dir, args.dataset_path,
+                                                    args.generate_episodes, args.num_workers, args.seed)
     except DatasetError as e:
         sys.exit(f"error: {e}")
-    eval_envs = [env] + [make_env(args.env_name) for _ in range(min(args.eval_envs, args.eval_episodes) - 1)]
+    num_eval_envs = max(1, min(args.eval_envs, args.eval_episodes)) if args.eval_interval > 0 else 0
+    eval_envs = EnvPool(args.env_name, num_eval_envs, args.eval_workers)
     train_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in train_np.items()}
     val_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
     obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]

@@ -9,7 +9,8 @@ It measures, side by side in one run:
     stacked weights (the alternative the scripts would use if it were faster);
   - seconds for --eval-episodes evaluation episodes of a real OGBench environment at paper size (4x512, untrained,
     so every episode runs to the time limit): one environment at a time, and all side by side (one batched policy
-    call per step), eager and --compile. Both give the same per-episode results (tests/test_speed.py).
+    call per step), eager, --compile, and stepped in one worker process per core (--eval-workers). All give the
+    same per-episode results (tests/test_speed.py).
 Timings exclude compilation, which is reported apart ("compile s": the warm-up calls).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import platform
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 import tyro
 
 import deflow_offline
-from common.datasets import make_env
+from common.envs import EnvPool
 
 OBS_DIM, ACTION_DIM = 28, 5  # cube-single
 
@@ -125,19 +127,25 @@ def critic_rows(width: int, args: Args, device: torch.device) -> list[tuple[str,
 def evaluation_rows(args: Args, device: torch.device) -> list[tuple[str, str, str]]:
     agent, agent_args = agent_of_width(512, device)
     rows = []
-    for num_envs, compiled in ((1, False), (args.eval_episodes, False), (args.eval_episodes, True)):
-        envs = [make_env(args.env_name) for _ in range(num_envs)]
+    workers = os.cpu_count() or 1
+    for num_envs, compiled, num_workers in ((1, False, 0), (args.eval_episodes, False, 0),
+                                            (args.eval_episodes, True, 0), (args.eval_episodes, False, workers)):
+        envs = EnvPool(args.env_name, num_envs, num_workers)
+        envs.reset({i: 0 for i in range(num_envs)})  # wait until every worker has made its environments
         policy, note = deflow_offline.eval_actions, ""
         if compiled:
             policy = torch.compile(deflow_offline.eval_actions, dynamic=True)
             start = time.perf_counter()
-            deflow_offline.evaluate(agent, envs[:2], 2, agent_args, seed=10_000, policy=policy)  # compile
+            deflow_offline.evaluate(agent, envs, 2, agent_args, seed=10_000, policy=policy)  # compile
             note = f"compile s {time.perf_counter() - start:.0f}; "
         start = time.perf_counter()
         result = deflow_offline.evaluate(agent, envs, args.eval_episodes, agent_args, seed=0, policy=policy)
         seconds = time.perf_counter() - start
+        envs.close()
         layout = "one by one (1 env)" if num_envs == 1 else f"{num_envs} envs side by side"
-        rows.append((f"evaluation, {layout}{', --compile' if compiled else ''}", f"{seconds:.1f} s / {args.eval_episodes} episodes",
+        layout += f" in {num_workers} worker processes" if num_workers else ""
+        rows.append((f"evaluation, {layout}{', --compile' if compiled else ''}",
+                     f"{seconds:.1f} s / {args.eval_episodes} episodes",
                      note + f"success {result['success']:.2f}, mean length {result['episode.length']:.0f}"))
     return rows
 
@@ -159,7 +167,8 @@ if __name__ == "__main__":
         for row in evaluation_rows(args, device):
             print("  ".join(row), flush=True)
             rows.append(row)
-    table = "\n".join([header, "", "| what | speed | notes |", "|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
+    lines = [header, "", "| what | speed | notes |", "|---|---|---|"] + [f"| {' | '.join(row)} |" for row in rows]
+    table = "\n".join(lines)
     out = Path(args.out.format(device=device.type))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")

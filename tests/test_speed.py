@@ -3,7 +3,7 @@
 import torch
 
 import deflow_offline
-from common.datasets import make_env
+from common.envs import EnvPool
 from deflow_offline import evaluate, train_step
 from tests.conftest import TINY_FLAGS, random_batch, run_script, tiny_agent
 
@@ -36,7 +36,8 @@ def test_compiled_training_step_equals_eager():
 
 def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
     """Episode j gets reset seed + j and its own noise stream wherever it runs. With the noise as the action (a
-    batch-independent policy), every (noise, observation) pair must be the same with 1 environment and with 3."""
+    batch-independent policy), every (noise, observation) pair must be the same with 1 environment, with 3, and with
+    3 stepped in 2 worker processes."""
     agent, args = tiny_agent(obs_dim=28, action_dim=5, script=deflow_offline)
     seen = {}
 
@@ -46,12 +47,14 @@ def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
             return noise.clamp(-1, 1)
         return policy
 
-    alone = evaluate(agent, [make_env(ENV)], 4, args, seed=3, policy=noise_as_action("alone"))
-    side_by_side = evaluate(agent, [make_env(ENV) for _ in range(3)], 4, args, seed=3,
-                            policy=noise_as_action("side by side"))
-    assert alone == side_by_side
-    assert len(seen["alone"]) == 4 * 200 and set(seen["alone"]) == set(seen["side by side"])
-    other_seed = evaluate(agent, [make_env(ENV)], 1, args, seed=100, policy=noise_as_action("other"))
+    alone = evaluate(agent, EnvPool(ENV, 1), 4, args, seed=3, policy=noise_as_action("alone"))
+    side_by_side = evaluate(agent, EnvPool(ENV, 3), 4, args, seed=3, policy=noise_as_action("side by side"))
+    workers = EnvPool(ENV, 3, workers=2)
+    in_workers = evaluate(agent, workers, 4, args, seed=3, policy=noise_as_action("workers"))
+    workers.close()
+    assert alone == side_by_side == in_workers
+    assert len(seen["alone"]) == 4 * 200 and set(seen["alone"]) == set(seen["side by side"]) == set(seen["workers"])
+    other_seed = evaluate(agent, EnvPool(ENV, 1), 1, args, seed=100, policy=noise_as_action("other"))
     assert other_seed["episode.length"] == 200 and not set(seen["other"]) & set(seen["alone"])
 
 

@@ -1,0 +1,74 @@
+"""Evaluation environments side by side: a fixed set of environments, stepped in this process or in worker processes.
+
+The scripts' evaluate() starts episode j on a free environment with reset(i, seed + j) and steps every running one
+with one batched policy call; EnvPool only does the stepping, in `workers` processes when the machine has cores to
+spare (environment i lives in worker i % workers). Results do not depend on `workers`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numpy as np
+
+from common.datasets import make_env
+
+
+def _step(env, action) -> tuple:
+    obs, reward, terminated, truncated, info = env.step(action)
+    return obs, float(reward), bool(terminated), bool(truncated), float(info["success"])
+
+
+def _worker(env_name: str, count: int, connection) -> None:
+    envs = [make_env(env_name) for _ in range(count)]
+    while True:
+        command, payload = connection.recv()
+        if command == "reset":
+            connection.send({i: envs[i].reset(seed=seed)[0] for i, seed in payload.items()})
+        elif command == "step":
+            connection.send({i: _step(envs[i], action) for i, action in payload.items()})
+        else:
+            return
+
+
+class EnvPool:
+    def __init__(self, env_name: str, num_envs: int, workers: int = 0):
+        self.num_envs, self.workers = num_envs, min(workers, num_envs)
+        if self.workers == 0:
+            self.envs = [make_env(env_name) for _ in range(num_envs)]
+            return
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: safe next to torch's threads
+        self.connections = []
+        for w in range(self.workers):
+            parent, child = context.Pipe()
+            count = len(range(w, num_envs, self.workers))
+            context.Process(target=_worker, args=(env_name, count, child), daemon=True).start()
+            self.connections.append(parent)
+
+    def _call(self, command: str, payload: dict) -> dict:
+        """Send each worker its environments' part of `payload` ({env index: value}); gather the answers."""
+        parts = [{} for _ in self.connections]
+        for i, value in payload.items():
+            parts[i % self.workers][i // self.workers] = value
+        for connection, part in zip(self.connections, parts):
+            connection.send((command, part))
+        out = {}
+        for w, connection in enumerate(self.connections):
+            out.update({local * self.workers + w: result for local, result in connection.recv().items()})
+        return out
+
+    def reset(self, seeds: dict[int, int]) -> dict[int, np.ndarray]:
+        """{env index: seed} -> {env index: first observation}."""
+        if self.workers == 0:
+            return {i: self.envs[i].reset(seed=seed)[0] for i, seed in seeds.items()}
+        return self._call("reset", seeds)
+
+    def step(self, actions: dict[int, np.ndarray]) -> dict[int, tuple]:
+        """{env index: action} -> {env index: (obs, reward, terminated, truncated, success)}."""
+        if self.workers == 0:
+            return {i: _step(self.envs[i], action) for i, action in actions.items()}
+        return self._call("step", actions)
+
+    def close(self) -> None:
+        for connection in getattr(self, "connections", []):
+            connection.send(("close", None))
