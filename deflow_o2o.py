@@ -485,8 +485,8 @@ def replay_episode(env, seed: int, actions: list[np.ndarray]):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation: success at the last step of each episode (episodes end at success), as OGBench reports it. The episodes
-# run len(envs) at a time with one batched policy call per step. Episode j is reset with seed + j and draws its noise
-# from its own generator seeded with seed + j, so its result does not depend on which episodes run beside it.
+# run envs.num_envs at a time with one batched policy call per step. Episode j is reset with seed + j and draws its
+# noise from its own generator seeded with seed + j, so its result does not depend on which episodes run beside it.
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(agent: DeFlowAgent, envs: EnvPool, num_episodes: int, args: Args, seed: int,

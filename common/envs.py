@@ -33,12 +33,11 @@ def _worker(env_name: str, count: int, connection) -> None:
 
 class EnvPool:
     def __init__(self, env_name: str, num_envs: int, workers: int = 0):
-        self.num_envs, self.workers = num_envs, min(workers, num_envs)
+        self.num_envs, self.workers, self.connections = num_envs, min(workers, num_envs), []
         if self.workers == 0:
             self.envs = [make_env(env_name) for _ in range(num_envs)]
             return
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: safe next to torch's threads
-        self.connections = []
         for w in range(self.workers):
             parent, child = context.Pipe()
             count = len(range(w, num_envs, self.workers))
@@ -70,5 +69,5 @@ class EnvPool:
         return self._call("step", actions)
 
     def close(self) -> None:
-        for connection in getattr(self, "connections", []):
+        for connection in self.connections:
             connection.send(("close", None))
