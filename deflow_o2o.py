@@ -57,6 +57,8 @@ Deviations from the official code (everything else follows it; ../shared/SPEC.md
     result does not depend on the episodes beside it; there are also evaluations at the end of the offline phase
     and at the last step. (Officially episodes run one by one, the eval RNG comes from numpy's global RNG and
     resets are unseeded.)
+  - --capture-video (new) writes the first --video-episodes evaluation episodes as mp4 files (MuJoCo renders of
+    200x200) in videos/ of the run.
   - --compile (new, off by default) runs the same update through torch.compile, and on CUDA replays it as CUDA
     graphs; the eager code below is the reference it must match (tests/test_speed.py).
   - OGBench >= 1.2 semantics (success judged on the pre-step state), as the installed package does.
@@ -144,6 +146,11 @@ class Args:
     """environments that run the evaluation episodes side by side (one batched policy call per step)"""
     eval_workers: int = 0
     """processes that step the evaluation environments (0: this one); worth it where cores are to spare"""
+    capture_video: bool = False
+    """write the first --video-episodes episodes of every evaluation as mp4 files in <run>/videos/ (MuJoCo renders
+    them: without a display set MUJOCO_GL=egl or osmesa; a CPU renders a few frames/s)"""
+    video_episodes: int = 1
+    """evaluation episodes recorded by --capture-video"""
     save_interval: int = 1_000_000
     """write checkpoint.pt every this many updates (and always at the end)"""
 
@@ -489,13 +496,13 @@ def replay_episode(env, seed: int, actions: list[np.ndarray]):
 # noise from its own generator seeded with seed + j, so its result does not depend on which episodes run beside it.
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(agent: DeFlowAgent, envs: EnvPool, num_episodes: int, args: Args, seed: int,
-             policy=eval_actions) -> dict[str, float]:
+def evaluate(agent: DeFlowAgent, envs: EnvPool, num_episodes: int, args: Args, seed: int, policy=eval_actions,
+             video_episodes: int = 0) -> tuple[dict[str, float], dict[int, np.ndarray]]:
     device = agent.log_alpha.device
     noise_shape = eval_noise_shape(args, agent.flow.action_dim)
     episodes = iter(range(num_episodes))
     running = {}  # env index -> the state of the episode it runs
-    finished = []  # (success, return, length) of each finished episode
+    finished, videos = [], {}  # (success, return, length) of each finished episode; episode -> rendered frames
     while True:
         starts = {}  # free environments start the next episodes
         for i in range(envs.num_envs):
@@ -504,21 +511,34 @@ def evaluate(agent: DeFlowAgent, envs: EnvPool, num_episodes: int, args: Args, s
         if starts:
             for i, obs in envs.reset({i: seed + episode for i, episode in starts.items()}).items():
                 running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(seed + starts[i]), "return": 0.0,
-                              "length": 0}
+                              "length": 0, "episode": starts[i], "video": [] if starts[i] < video_episodes else None}
+            render(envs, running, list(starts))
         if not running:
             break
         obs = torch.as_tensor(np.stack([e["obs"] for e in running.values()]), dtype=torch.float32, device=device)
         noise = torch.stack([torch.randn(noise_shape, generator=e["noise"]) for e in running.values()]).to(device)
         actions = policy(agent, obs, noise, args).cpu().numpy()
         steps = envs.step({i: np.clip(action, -1, 1) for i, action in zip(running, actions)})
+        render(envs, running, list(steps))
         for i, (next_obs, reward, terminated, truncated, success) in steps.items():
             state = running[i]
             state["obs"], state["return"], state["length"] = next_obs, state["return"] + reward, state["length"] + 1
             if terminated or truncated:
                 finished.append((success, state["return"], state["length"]))
+                if state["video"] is not None:
+                    videos[state["episode"]] = np.stack(state["video"])
                 del running[i]
     success, episode_return, length = np.mean(finished, axis=0)
-    return {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}
+    metrics = {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}
+    return metrics, videos
+
+
+def render(envs: EnvPool, running: dict, indices: list[int]) -> None:
+    """Append a rendered frame to the video of each episode among `indices` that is being recorded."""
+    recorded = [i for i in indices if running[i]["video"] is not None]
+    if recorded:
+        for i, frame in envs.render(recorded).items():
+            running[i]["video"].append(frame)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -530,6 +550,15 @@ def atomic_write(path: Path, write) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 15) -> None:
+    """frames (T, H, W, 3) uint8 -> mp4 (H.264 through imageio's ffmpeg), written to a temporary name first."""
+    import imageio
+
+    tmp = path.with_name(f".tmp-{path.name}")  # keeps the .mp4 suffix, which tells ffmpeg the format
+    imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1)
     os.replace(tmp, path)
 
 
@@ -798,11 +827,16 @@ if __name__ == "__main__":
                         f"{exploration['exploration/success']:.0f}, return "
                         f"{exploration['exploration/episode.return']:.1f}" if online else ""))
         if args.eval_interval > 0 and (step == 1 or step % args.eval_interval == 0 or is_phase_end):
-            eval_metrics = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, policy_fn)
+            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, policy_fn,
+                                            args.video_episodes if args.capture_video else 0)
             log("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
+            for episode, frames in videos.items():
+                (run_dir / "videos").mkdir(exist_ok=True)
+                write_video(run_dir / "videos" / f"step{step:08d}_episode{episode}.mp4", frames)
             tqdm.write(f"step {step} ({'online' if online else 'offline'}): evaluation/success "
                        f"{eval_metrics['success']:.3f} (return {eval_metrics['episode.return']:.1f}, "
-                       f"length {eval_metrics['episode.length']:.0f}, {args.eval_episodes} episodes)")
+                       f"length {eval_metrics['episode.length']:.0f}, {args.eval_episodes} episodes"
+                       f"{f', {len(videos)} videos' if videos else ''})")
         if is_save_step:
             save_checkpoint(step)
         if step == args.offline_steps and args.online_steps > 0:

@@ -19,29 +19,31 @@ def _step(env, action) -> tuple:
     return obs, float(reward), bool(terminated), bool(truncated), float(info["success"])
 
 
-def _worker(env_name: str, count: int, connection) -> None:
-    envs = [make_env(env_name) for _ in range(count)]
+def _worker(env_name: str, count: int, max_episode_steps: int | None, connection) -> None:
+    envs = [make_env(env_name, max_episode_steps) for _ in range(count)]
     while True:
         command, payload = connection.recv()
         if command == "reset":
             connection.send({i: envs[i].reset(seed=seed)[0] for i, seed in payload.items()})
         elif command == "step":
             connection.send({i: _step(envs[i], action) for i, action in payload.items()})
+        elif command == "render":
+            connection.send({i: envs[i].render() for i in payload})
         else:
             return
 
 
 class EnvPool:
-    def __init__(self, env_name: str, num_envs: int, workers: int = 0):
+    def __init__(self, env_name: str, num_envs: int, workers: int = 0, max_episode_steps: int | None = None):
         self.num_envs, self.workers, self.connections = num_envs, min(workers, num_envs), []
         if self.workers == 0:
-            self.envs = [make_env(env_name) for _ in range(num_envs)]
+            self.envs = [make_env(env_name, max_episode_steps) for _ in range(num_envs)]
             return
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: safe next to torch's threads
         for w in range(self.workers):
             parent, child = context.Pipe()
             count = len(range(w, num_envs, self.workers))
-            context.Process(target=_worker, args=(env_name, count, child), daemon=True).start()
+            context.Process(target=_worker, args=(env_name, count, max_episode_steps, child), daemon=True).start()
             self.connections.append(parent)
 
     def _call(self, command: str, payload: dict) -> dict:
@@ -67,6 +69,12 @@ class EnvPool:
         if self.workers == 0:
             return {i: _step(self.envs[i], action) for i, action in actions.items()}
         return self._call("step", actions)
+
+    def render(self, indices: list[int]) -> dict[int, np.ndarray]:
+        """{env index: RGB frame (H, W, 3) uint8 of its current state}, for videos."""
+        if self.workers == 0:
+            return {i: self.envs[i].render() for i in indices}
+        return self._call("render", dict.fromkeys(indices))
 
     def close(self) -> None:
         for connection in self.connections:

@@ -9,7 +9,9 @@ relabeling, exactly like a downloaded file.
     python -m common.generate --env-name cube-single-play-v0 --episodes 100 --num-workers 2 \
         --out data/cube-single-play-100ep.npz
 
-Supported: the manipulation 'play' datasets (cube-*, scene, puzzle-*) and pointmaze 'navigate'. A single-task name
+Supported: the manipulation 'play' datasets (cube-*, scene, puzzle-*), their visual-* variants (64x64x3 uint8
+frames rendered by MuJoCo: set MUJOCO_GL=egl or osmesa without a display; a CPU renders a few frames/s) and pointmaze
+'navigate'. A single-task name
 (`cube-single-play-singletask-task2-v0`) names the same dataset. Episodes follow OGBench's own generation recipe:
 `--episodes` training episodes plus episodes // 10 validation episodes (at least 1), each `--episode-length` steps
 (1001 in every official dataset, so 1000 episodes make the official 1M transitions). Differences from the official
@@ -30,7 +32,7 @@ import numpy as np
 
 # The dataset families whose oracle ships in the `ogbench` package, as (name pattern, dataset type).
 GENERATABLE = (
-    (r"(cube-(single|double|triple|quadruple|octuple)|scene|puzzle-\d+x\d+)", "play"),
+    (r"(visual-)?(cube-(single|double|triple|quadruple|octuple)|scene|puzzle-\d+x\d+)", "play"),
     (r"pointmaze-(medium|large|giant|teleport)", "navigate"),
 )
 
@@ -53,7 +55,8 @@ def generation_target(env_name: str) -> tuple[str, str]:
             return f"{base}-{version}", dataset_type
     raise ValueError(
         f"cannot generate '{name}' locally: the ogbench package ships oracles only for the manipulation 'play' "
-        "datasets (cube-single/double/triple/quadruple, scene, puzzle-3x3/4x4/4x5/4x6) and pointmaze-* 'navigate'. "
+        "datasets (cube-single/double/triple/quadruple, scene, puzzle-3x3/4x4/4x5/4x6, and their visual-* variants) and "
+        "pointmaze-* 'navigate'. "
         "Locomotion datasets (antmaze, humanoidmaze, antsoccer) need OGBench's trained experts: download them on a "
         "machine with internet (ogbench.download_datasets) and copy the .npz files over."
     )
@@ -202,6 +205,8 @@ def generate_episode(index: int) -> dict[str, np.ndarray]:
         if "scene" not in w["gym_id"] or _scene_is_healthy(np.asarray(steps["qpos"])):
             break  # (an unhealthy scene episode is collected again, continuing the same random stream)
     dtypes = dict(terminals=bool, button_states=np.int64)
+    if steps["observations"][0].dtype == np.uint8:  # visual-*: 64x64x3 frames stay uint8, as OGBench stores them
+        dtypes["observations"] = np.uint8
     return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in steps.items() if v}
 
 

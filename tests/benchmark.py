@@ -136,10 +136,10 @@ def evaluation_rows(args: Args, device: torch.device) -> list[tuple[str, str, st
         if compiled:
             policy = torch.compile(deflow_offline.eval_actions, dynamic=True)
             start = time.perf_counter()
-            deflow_offline.evaluate(agent, envs, 2, agent_args, seed=10_000, policy=policy)  # compile
+            deflow_offline.evaluate(agent, envs, 2, agent_args, seed=10_000, policy=policy)[0]  # compile
             note = f"compile s {time.perf_counter() - start:.0f}; "
         start = time.perf_counter()
-        result = deflow_offline.evaluate(agent, envs, args.eval_episodes, agent_args, seed=0, policy=policy)
+        result = deflow_offline.evaluate(agent, envs, args.eval_episodes, agent_args, seed=0, policy=policy)[0]
         seconds = time.perf_counter() - start
         envs.close()
         layout = "one by one (1 env)" if num_envs == 1 else f"{num_envs} envs side by side"

@@ -1,37 +1,23 @@
 """The fast paths change no math: --compile's training step, and evaluation with environments side by side."""
 
+import numpy as np
 import torch
 
 import deflow_offline
 from common.envs import EnvPool
 from deflow_offline import evaluate, train_step
-from tests.conftest import TINY_FLAGS, random_batch, run_script, tiny_agent
+from tests.conftest import (TINY_FLAGS, assert_compiled_step_equals_eager, random_batch, run_script,
+                            tiny_agent)
 
 ENV = "cube-single-play-singletask-task1-v0"
 
 
 def test_compiled_training_step_equals_eager():
-    """A few steps of torch.compile(train_step) against eager from the same state and seed: same losses, same
-    parameters. Inductor draws its random numbers like eager only with fallback_random, which the test sets."""
-    import torch._inductor.config
-
+    """A few steps of torch.compile(train_step) against eager from the same state and seed (fewer Euler steps: the
+    same graph, compiled sooner)."""
     data = {k: torch.cat([v, v + 0.5]) for k, v in random_batch(batch_size=64).items()}
-    results = []
-    with torch._inductor.config.patch(fallback_random=True):
-        for step_fn in (train_step, torch.compile(train_step)):
-            agent, args = tiny_agent(flow_steps=3)  # fewer Euler steps: the same graph, compiled sooner
-            optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
-            torch.manual_seed(7)
-            metrics = [step_fn(agent, optimizer, data, args, with_mse=step == 2) for step in range(3)]
-            results.append((metrics, agent.state_dict()))
-    (eager_metrics, eager_state), (compiled_metrics, compiled_state) = results
-    for eager, compiled in zip(eager_metrics, compiled_metrics):
-        assert eager.keys() == compiled.keys()
-        for name in eager:
-            torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
-    for name, value in eager_state.items():
-        torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=1e-5, msg=name)
-    assert not torch.equal(eager_state["refine.net.0.weight"], tiny_agent(flow_steps=3)[0].refine.net[0].weight)
+    state = assert_compiled_step_equals_eager(train_step, lambda: tiny_agent(flow_steps=3), data, tolerance=1e-5)
+    assert not torch.equal(state["refine.net.0.weight"], tiny_agent(flow_steps=3)[0].refine.net[0].weight)
 
 
 def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
@@ -54,7 +40,7 @@ def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
     workers.close()
     assert alone == side_by_side == in_workers
     assert len(seen["alone"]) == 4 * 200 and set(seen["alone"]) == set(seen["side by side"]) == set(seen["workers"])
-    other_seed = evaluate(agent, EnvPool(ENV, 1), 1, args, seed=100, policy=noise_as_action("other"))
+    other_seed = evaluate(agent, EnvPool(ENV, 1), 1, args, seed=100, policy=noise_as_action("other"))[0]
     assert other_seed["episode.length"] == 200 and not set(seen["other"]) & set(seen["alone"])
 
 
@@ -78,3 +64,23 @@ def test_compile_flag_end_to_end(tmp_path, cube_dataset):
     train = (run_dir / "train.csv").read_text().splitlines()
     assert len(train) == 3 and "nan" not in train[2].split(",")[1]  # steps 3 and 6, finite losses
     assert [line.split(",")[0] for line in (run_dir / "eval.csv").read_text().splitlines()[1:]] == ["1", "3", "6"]
+
+
+def test_videos_record_the_first_episodes_in_this_process_and_in_workers(tmp_path):
+    """--capture-video: the first episodes' rendered frames, the same wherever the environments run, written as mp4."""
+    import imageio
+
+    agent, args = tiny_agent(obs_dim=28, action_dim=5, script=deflow_offline)
+    results = []
+    for workers in (0, 1):
+        pool = EnvPool(ENV, 2, workers=workers, max_episode_steps=3)
+        results.append(evaluate(agent, pool, 3, args, seed=0, video_episodes=2))
+        pool.close()
+    (metrics, videos), (metrics_workers, videos_workers) = results
+    assert metrics == metrics_workers and metrics["episode.length"] == 3
+    assert sorted(videos) == [0, 1] and videos[0].shape == (4, 200, 200, 3)  # the reset frame + 3 steps
+    assert all(np.array_equal(videos[j], videos_workers[j]) for j in videos)
+    assert not np.array_equal(videos[0][0], videos[0][-1])  # the arm moved
+    deflow_offline.write_video(tmp_path / "episode.mp4", videos[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["episode.mp4"]  # no temporary file left behind
+    assert len(imageio.mimread(tmp_path / "episode.mp4")) == 4
