@@ -19,18 +19,19 @@ def _step(env, action) -> tuple:
     return obs, float(reward), bool(terminated), bool(truncated), float(info["success"])
 
 
+def _handle(envs: list, command: str, payload: dict) -> dict:
+    """Run one command on the environments named in `payload` ({index into envs: argument}); the same in a worker."""
+    if command == "reset":
+        return {i: envs[i].reset(seed=seed)[0] for i, seed in payload.items()}
+    if command == "step":
+        return {i: _step(envs[i], action) for i, action in payload.items()}
+    return {i: envs[i].render() for i in payload}  # "render"
+
+
 def _worker(env_name: str, count: int, max_episode_steps: int | None, connection) -> None:
     envs = [make_env(env_name, max_episode_steps) for _ in range(count)]
-    while True:
-        command, payload = connection.recv()
-        if command == "reset":
-            connection.send({i: envs[i].reset(seed=seed)[0] for i, seed in payload.items()})
-        elif command == "step":
-            connection.send({i: _step(envs[i], action) for i, action in payload.items()})
-        elif command == "render":
-            connection.send({i: envs[i].render() for i in payload})
-        else:
-            return
+    while (message := connection.recv())[0] != "close":
+        connection.send(_handle(envs, *message))
 
 
 class EnvPool:
@@ -47,7 +48,9 @@ class EnvPool:
             self.connections.append(parent)
 
     def _call(self, command: str, payload: dict) -> dict:
-        """Send each worker its environments' part of `payload` ({env index: value}); gather the answers."""
+        """Run `command` on the environments in `payload` ({env index: value}): here, or each worker its part."""
+        if self.workers == 0:
+            return _handle(self.envs, command, payload)
         parts = [{} for _ in self.connections]
         for i, value in payload.items():
             parts[i % self.workers][i // self.workers] = value
@@ -60,20 +63,14 @@ class EnvPool:
 
     def reset(self, seeds: dict[int, int]) -> dict[int, np.ndarray]:
         """{env index: seed} -> {env index: first observation}."""
-        if self.workers == 0:
-            return {i: self.envs[i].reset(seed=seed)[0] for i, seed in seeds.items()}
         return self._call("reset", seeds)
 
     def step(self, actions: dict[int, np.ndarray]) -> dict[int, tuple]:
         """{env index: action} -> {env index: (obs, reward, terminated, truncated, success)}."""
-        if self.workers == 0:
-            return {i: _step(self.envs[i], action) for i, action in actions.items()}
         return self._call("step", actions)
 
     def render(self, indices: list[int]) -> dict[int, np.ndarray]:
         """{env index: RGB frame (H, W, 3) uint8 of its current state}, for videos."""
-        if self.workers == 0:
-            return {i: self.envs[i].render() for i in indices}
         return self._call("render", dict.fromkeys(indices))
 
     def close(self) -> None:
