@@ -26,7 +26,7 @@ Paper recipes (state-based OGBench, 1M steps; every recipe keeps normalize_q_los
   scene-play                      0.99         mean      0.001
   puzzle-3x3/4x4-play             0.99         mean      0.005
 
-Deviations from the official code (everything else follows it; ../shared/SPEC.md has the details):
+Deviations from the official code (everything else follows it):
   - Fixed-alpha path (--no-use-lagrange, used by no recipe): the penalty weight is alpha, not alpha^2 (official bug).
   - --normalize-q-loss defaults to True (every official recipe sets it; the official default is False).
   - The refinement network's width is its own flag (--refine-hidden-dims); the default equals the official 4x512.
@@ -39,8 +39,18 @@ Deviations from the official code (everything else follows it; ../shared/SPEC.md
     the eval RNG comes from numpy's global RNG and resets are unseeded.)
   - --capture-video (new) writes the first --video-episodes evaluation episodes as mp4 files (MuJoCo renders of
     200x200) in videos/ of the run.
-  - --compile (new, off by default) runs the same training step through torch.compile, and on CUDA replays it as
-    CUDA graphs; the eager code below is the reference it must match (tests/test_speed.py).
+  - The same update, computed in fewer and larger operations (the numbers agree up to float rounding, tested): the
+    update's two no-gradient 10-step flow rollouts (pi(s') for the TD target, the base actions at s) run as one
+    rollout over 2B rows; the observation's part of the flow's first layer is computed once per rollout, not at each
+    Euler step; the 2 critics are one batched matmul per layer; Adam is PyTorch's fused Adam. The update's noise is
+    one N(0, I) draw of shape (3, B, A) plus t ~ U[0, 1) of shape (B, 1), made outside the losses (officially the
+    JAX key is split per use): the same distributions, other numbers.
+  - --compile (new, on by default; --no-compile runs the eager code) runs the losses' forward and backward through
+    torch.compile, and on CUDA replays them as CUDA graphs. The eager code below is the reference it must match
+    (tests/test_speed.py). Compiled, the tanh-GELU is written as x * sigmoid(2u), the same function (class GELU).
+  - --precision (new; float32 by default, as officially) can run the no-gradient rollouts' matmuls, or every matmul,
+    in bfloat16 (torch.autocast; weights, Adam and the losses stay float32). See README "Speed" for what it was
+    measured to change.
   - OGBench >= 1.2 semantics (success judged on the pre-step state), as the installed package does.
   - --eval-sampler max-q / iterative exist officially (sample_actions_max_q, sample_actions_iterative_refinement) but
     no command reaches them. Here they are flags, batched over states, and max-q takes the argmax of Q (the official
@@ -56,6 +66,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -66,6 +77,7 @@ from typing import Literal, Optional, Union
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
@@ -115,8 +127,9 @@ class Args:
     """evaluate at update 1, every this many updates and at the end (0: never)"""
     eval_episodes: int = 50
     """episodes per evaluation"""
-    eval_envs: int = 50
-    """environments that run the evaluation episodes side by side (one batched policy call per step)"""
+    eval_envs: int = 8
+    """environments that run the evaluation episodes side by side (one batched policy call per step); each holds
+    about 0.15-0.2 GB of memory (manipulation tasks), and the results do not depend on how many"""
     eval_workers: int = 0
     """processes that step the evaluation environments (0: this one); worth it where cores are to spare"""
     capture_video: bool = False
@@ -164,8 +177,13 @@ class Args:
     """scale the Q loss by 1 / mean|Q| (every official recipe sets this)"""
 
     # --- speed (changes no math) ---
-    compile: bool = False
-    """torch.compile the training step (batch draw + update); on CUDA also replay it as CUDA graphs"""
+    compile: bool = True
+    """torch.compile the losses (forward and backward) and the evaluation policy; on CUDA also replay the losses as
+    CUDA graphs. The first update compiles for a minute or so; --no-compile runs the eager reference code"""
+    precision: Literal["float32", "bf16-rollouts", "bf16"] = "float32"
+    """matmul precision: float32 (official); bf16-rollouts: the matmuls of the no-gradient flow rollouts (TD target,
+    base actions, evaluation) in bfloat16; bf16: every matmul in bfloat16 (autocast; weights, Adam and the losses
+    stay float32)"""
 
     # --- evaluation-time action selection (training always uses the plain sampler) ---
     eval_sampler: Literal["flow", "max-q", "iterative"] = "flow"
@@ -180,10 +198,21 @@ class Args:
 # Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer, Xavier-uniform weights,
 # zero biases, plain Linear output.
 # ---------------------------------------------------------------------------------------------------------------------
+class GELU(nn.Module):
+    """Flax's default GELU, the tanh approximation: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Under
+    torch.compile it is written as x * sigmoid(2u), the same function: a CPU compiles that into a kernel about twice as
+    fast as tanh's, while in eager mode PyTorch's own gelu kernel is the faster."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 sqrt(2/pi) = 1.5957...
+        return F.gelu(x, approximate="tanh")
+
+
 def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, layer_norm: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden_dims:
-        layers += [nn.Linear(in_dim, width), nn.GELU(approximate="tanh")]
+        layers += [nn.Linear(in_dim, width), GELU()]
         if layer_norm:
             layers.append(nn.LayerNorm(width, eps=1e-6))
         in_dim = width
@@ -208,16 +237,52 @@ class VectorField(nn.Module):
         return self.net(torch.cat(inputs, dim=-1))
 
 
-class Critic(nn.Module):
-    """Two independently initialised Q networks on the same input; returns shape (2, B)."""
+class EnsembleLinear(nn.Module):
+    """`members` independent Linear layers in one: (members, B, in) -> (members, B, out) by one batched matmul.
+    Each member's weight is Xavier-uniform for its own fan-in and fan-out (as nn.Linear under mlp()'s init)."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], layer_norm: bool):
+    def __init__(self, members: int, in_dim: int, out_dim: int):
         super().__init__()
-        self.members = nn.ModuleList(mlp(obs_dim + action_dim, hidden_dims, 1, layer_norm) for _ in range(2))
+        bound = math.sqrt(6 / (in_dim + out_dim))
+        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm (eps 1e-6) with a scale and shift of each member's own: (members, B, width)."""
+
+    def __init__(self, members: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(members, 1, width))
+        self.bias = nn.Parameter(torch.zeros(members, 1, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """Two independently initialised Q networks on the same input; returns shape (2, B). The two run together: every
+    layer holds both members' weights and is one batched matmul (the same numbers as two separate MLPs)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], layer_norm: bool, members: int = 2):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_dim = obs_dim + action_dim
+        for width in hidden_dims:
+            layers += [EnsembleLinear(members, in_dim, width), GELU()]
+            if layer_norm:
+                layers.append(EnsembleLayerNorm(members, width))
+            in_dim = width
+        layers.append(EnsembleLinear(members, in_dim, 1))
+        self.members, self.net = members, nn.Sequential(*layers)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, actions], dim=-1)
-        return torch.stack([member(x).squeeze(-1) for member in self.members])
+        rows = x.reshape(-1, x.shape[-1])  # any leading shape (B or B x N), as rows
+        return self.net(rows.expand(self.members, *rows.shape)).reshape(self.members, *x.shape[:-1])
 
 
 class DeFlowAgent(nn.Module):
@@ -238,11 +303,17 @@ class DeFlowAgent(nn.Module):
 # The policy: Euler-integrate the BC flow from noise, then add one refinement.
 # ---------------------------------------------------------------------------------------------------------------------
 def flow_actions(flow: VectorField, obs: torch.Tensor, noise: torch.Tensor, flow_steps: int) -> torch.Tensor:
-    """a_base = clip(x_K, -1, 1), x_0 = noise, x_{i+1} = x_i + mu(s, x_i, i/K) / K. Clipped only at the end."""
+    """a_base = clip(x_K, -1, 1), x_0 = noise, x_{i+1} = x_i + mu(s, x_i, i/K) / K. Clipped only at the end.
+
+    mu's first layer is W [s, x, t] + b = W_s s + (W_x x + b + t W_t). The part of s is the same at every Euler step,
+    so it is computed once; the rest of mu is flow.net[1:]. (The same numbers as calling flow(obs, x, t) K times.)"""
+    first, rest = flow.net[0], flow.net[1:]
+    w_s, w_x, w_t = first.weight.split([obs.shape[-1], noise.shape[-1], 1], dim=1)
+    obs_part = F.linear(obs, w_s)
     x = noise
     for i in range(flow_steps):
-        t = torch.full((*obs.shape[:-1], 1), i / flow_steps, device=obs.device)
-        x = x + flow(obs, x, t) / flow_steps
+        t = i / flow_steps
+        x = x + rest(obs_part + F.linear(x, w_x, first.bias + t * w_t[:, 0])) / flow_steps
     return x.clamp(-1, 1)
 
 
@@ -250,7 +321,11 @@ def flow_actions(flow: VectorField, obs: torch.Tensor, noise: torch.Tensor, flow
 # it comes from: the global stream in the update, one stream per episode in evaluation.
 def sample_actions(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Tensor, flow_steps: int) -> torch.Tensor:
     """pi(s) = clip(a_base + f(s, a_base), -1, 1), a_base = the flow's action from `noise` (shape (..., A))."""
-    base_actions = flow_actions(agent.flow, obs, noise, flow_steps)
+    return refine_actions(agent, obs, flow_actions(agent.flow, obs, noise, flow_steps))
+
+
+def refine_actions(agent: DeFlowAgent, obs: torch.Tensor, base_actions: torch.Tensor) -> torch.Tensor:
+    """One refinement of the flow's actions: clip(a_base + f(s, a_base), -1, 1)."""
     return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
 
 
@@ -259,8 +334,7 @@ def sample_actions_max_q(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Ten
     obs_n = obs[:, None].expand(-1, noise.shape[1], -1)
     base_actions = flow_actions(agent.flow, obs_n, noise, flow_steps)  # (B, N, A)
     best = agent.critic(obs_n, base_actions).mean(dim=0).argmax(dim=1)  # official code: argmin (a bug)
-    base_actions = base_actions[torch.arange(obs.shape[0], device=obs.device), best]
-    return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
+    return refine_actions(agent, obs, base_actions[torch.arange(obs.shape[0], device=obs.device), best])
 
 
 def sample_actions_iterative(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Tensor, flow_steps: int,
@@ -302,30 +376,48 @@ def flow_matching_loss(flow: VectorField, obs: torch.Tensor, actions: torch.Tens
 #   log_alpha <- alpha_loss                        (raise alpha when distill > delta, lower it when below)
 #   target    <- nothing; EMA of the critic's pre-step weights
 # ---------------------------------------------------------------------------------------------------------------------
-def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args, with_mse: bool = False):
-    """Return (total loss, metrics dict of 0-d tensors) for one batch. Official metric names."""
-    obs, actions = batch["observations"], batch["actions"]
-    # The update's random draws, first: N(0, I) noise for the TD target's actions, the flow-matching start x_0 and the
-    # base actions, then the flow-matching time t ~ U[0, 1), one per sample. (One randn: torch.compile 2.13 would merge
-    # separate randn_like calls into one draw, silently reusing the same noise.)
-    next_noise, x_0, base_noise = torch.randn((3, *actions.shape), device=actions.device).unbind(0)
-    t = torch.rand((actions.shape[0], 1), device=actions.device)
+def autocast(args: Args, device: torch.device, rollout: bool):
+    """bfloat16 matmuls where --precision asks for them: bf16 everywhere, bf16-rollouts in the no-gradient rollouts."""
+    enabled = args.precision == "bf16" or (rollout and args.precision == "bf16-rollouts")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def update_noise(batch_size: int, action_dim: int, device: torch.device, with_mse: bool = False) -> dict:
+    """The update's random draws, made here and passed in, so that eager and --compile use the same numbers: N(0, I)
+    noise for the TD target's next actions, the flow-matching start x_0 and the base actions (and, with_mse, for the
+    `mse` metric's policy actions), and the flow-matching time t ~ U[0, 1), one per sample."""
+    noise = torch.randn((3 + with_mse, batch_size, action_dim), device=device)
+    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2]}
+    if with_mse:
+        draws["mse"] = noise[3]
+    return {**draws, "t": torch.rand((batch_size, 1), device=device)}
+
+
+def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor], args: Args):
+    """Return (total loss, metrics dict of 0-d tensors) for one batch and its draws (update_noise). Official metric
+    names; `actor/mse` when noise has its draw. The unit that --compile compiles (forward and backward)."""
+    obs, next_obs, actions = batch["observations"], batch["next_observations"], batch["actions"]
+
+    # The update's two 10-step flow rollouts, both without gradient and independent of each other: pi(s') for the TD
+    # target and the base actions at s. One rollout over 2B rows (s' rows first) does both, with half the calls.
+    with torch.no_grad(), autocast(args, obs.device, rollout=True):
+        next_base_actions, base_actions = flow_actions(
+            agent.flow, torch.cat([next_obs, obs]), torch.cat([noise["next_actions"], noise["base_actions"]]),
+            args.flow_steps).chunk(2)
 
     # Critic: TD target with the current policy and the target critic, all without gradient.
     with torch.no_grad():
-        next_actions = sample_actions(agent, batch["next_observations"], next_noise, args.flow_steps)
-        next_qs = agent.target_critic(batch["next_observations"], next_actions)
+        next_actions = refine_actions(agent, next_obs, next_base_actions)
+        next_qs = agent.target_critic(next_obs, next_actions)
         next_q = next_qs.min(dim=0).values if args.q_agg == "min" else next_qs.mean(dim=0)
         target_q = batch["rewards"] + args.discount * batch["masks"] * next_q
     qs = agent.critic(obs, actions)
     critic_loss = (qs - target_q).square().mean()
 
     # Flow matching from noise x_0 to the dataset action.
-    bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, x_0, t)
+    bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, noise["x_0"], noise["t"])
 
-    # Refinement of base actions from the flow. No gradient reaches the flow through a_base.
-    with torch.no_grad():
-        base_actions = flow_actions(agent.flow, obs, base_noise, args.flow_steps)
+    # Refinement of the base actions (from the rollout above: no gradient reaches the flow through a_base).
     refinement = agent.refine(obs, base_actions)
     distill_loss = refinement.square().mean()  # D: mean over batch and action dims (per-dimension size)
 
@@ -352,17 +444,19 @@ def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args
         "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
         "actor/alpha_value": alpha.detach().squeeze(),
     }
-    if with_mse:
+    if "mse" in noise:  # a third rollout, on logging steps only
         with torch.no_grad():
-            policy = sample_actions(agent, obs, torch.randn(actions.shape, device=obs.device), args.flow_steps)
-            metrics["actor/mse"] = (policy - actions).square().mean()
+            metrics["actor/mse"] = (sample_actions(agent, obs, noise["mse"], args.flow_steps) - actions).square().mean()
     return critic_loss + actor_loss, metrics
 
 
 def update(agent: DeFlowAgent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args,
-           with_mse: bool = False) -> dict[str, torch.Tensor]:
-    """One DeFlow update: losses, one backward, target EMA from the pre-step critic, one Adam step."""
-    loss, metrics = deflow_losses(agent, batch, args, with_mse)
+           with_mse: bool = False, losses=deflow_losses) -> dict[str, torch.Tensor]:
+    """One DeFlow update: draws, losses (`losses`: deflow_losses or its compiled twin), one backward, target EMA from
+    the pre-step critic, one Adam step."""
+    noise = update_noise(*batch["actions"].shape, batch["actions"].device, with_mse)
+    with autocast(args, batch["actions"].device, rollout=False):
+        loss, metrics = losses(agent, batch, noise, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, with theta before this step
@@ -379,9 +473,9 @@ def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> dict[str, to
 
 
 def train_step(agent: DeFlowAgent, optimizer: torch.optim.Optimizer, data: dict[str, torch.Tensor], args: Args,
-               with_mse: bool = False) -> dict[str, torch.Tensor]:
-    """Draw a batch on the device and update: the unit that --compile compiles (on CUDA: replays as CUDA graphs)."""
-    return update(agent, optimizer, sample_batch(data, args.batch_size), args, with_mse)
+               with_mse: bool = False, losses=deflow_losses) -> dict[str, torch.Tensor]:
+    """One training iteration: a batch drawn on the device, then the update."""
+    return update(agent, optimizer, sample_batch(data, args.batch_size), args, with_mse, losses)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -411,7 +505,8 @@ def evaluate(agent: DeFlowAgent, envs: EnvPool, num_episodes: int, args: Args, s
             break
         obs = torch.as_tensor(np.stack([e["obs"] for e in running.values()]), dtype=torch.float32, device=device)
         noise = torch.stack([torch.randn(noise_shape, generator=e["noise"]) for e in running.values()]).to(device)
-        actions = policy(agent, obs, noise, args).cpu().numpy()
+        with autocast(args, device, rollout=True):
+            actions = policy(agent, obs, noise, args).float().cpu().numpy()
         steps = envs.step({i: np.clip(action, -1, 1) for i, action in zip(running, actions)})
         render(envs, running, list(steps))
         for i, (next_obs, reward, terminated, truncated, success) in steps.items():
@@ -486,6 +581,16 @@ def truncate_csv(path: Path, last_step: int) -> None:
     atomic_write(path, write)
 
 
+def check_compiler(device: torch.device) -> None:
+    """--compile needs a C++ compiler (CPU) or Triton (CUDA): a one-line function compiled first turns a missing one
+    into one clear line instead of a traceback at the first update."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        sys.exit(f"error: torch.compile does not work here ({str(e).strip().splitlines()[0]}); "
+                 f"run with --no-compile (the eager code: the same results, slower)")
+
+
 def parse_args() -> tuple[Args, Optional[dict]]:
     """The command line; with --resume, the checkpoint's settings become the defaults that flags still override."""
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
@@ -521,6 +626,8 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     num_eval_envs = max(1, min(args.eval_envs, args.eval_episodes)) if args.eval_interval > 0 else 0
     eval_envs = EnvPool(args.env_name, num_eval_envs, args.eval_workers)
+    if num_eval_envs:
+        print(f"{eval_envs.describe()}; --eval-envs sets how many")
     train_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in train_np.items()}
     val_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
     obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]
@@ -532,7 +639,7 @@ if __name__ == "__main__":
         print(iav_report["message"])
 
     agent = DeFlowAgent(obs_dim, action_dim, args).to(device)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, fused=True)
     start_step = 1
     if checkpoint is not None:
         try:
@@ -577,13 +684,15 @@ if __name__ == "__main__":
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         atomic_write(run_dir / "checkpoint.pt", lambda f: torch.save(state, f))
 
-    # --compile: the same math in fewer, fused kernels. On CUDA "reduce-overhead" also records the step as CUDA graphs
-    # and replays them (no per-kernel launches); the batch indices and all noise are drawn inside, on the device.
-    step_fn, policy_fn = train_step, eval_actions
+    # --compile: the losses (forward and backward) as fused kernels, the same math. On CUDA "reduce-overhead" also
+    # records them as CUDA graphs and replays them. The batch and the noise are drawn outside, eagerly, on the device.
+    losses_fn, policy_fn = deflow_losses, eval_actions
     if args.compile:
-        step_fn = torch.compile(train_step, mode="reduce-overhead" if device.type == "cuda" else None)
+        check_compiler(device)
+        losses_fn = torch.compile(deflow_losses, mode="reduce-overhead" if device.type == "cuda" else None)
         policy_fn = torch.compile(eval_actions, dynamic=True)  # evaluation batches shrink as episodes end
-        print("--compile: the first update and the first evaluation compile first (a minute or two each)")
+        print("--compile: the first update, the first logging step and the first evaluation compile first (up to a "
+              "minute each; --no-compile skips this)")
 
     # Non-finite losses are recorded on the device (first bad step per term) and read at log intervals only.
     first_bad_step = None
@@ -595,7 +704,7 @@ if __name__ == "__main__":
         is_log_step = step % args.log_interval == 0 or step == args.offline_steps
         if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
-        metrics = step_fn(agent, optimizer, train_data, args, with_mse=is_log_step)
+        metrics = train_step(agent, optimizer, train_data, args, is_log_step, losses_fn)
 
         checked = [name for name in metrics if name != "actor/mse"]  # the same terms on every step
         values = torch.stack([metrics[name] for name in checked])
@@ -614,7 +723,9 @@ if __name__ == "__main__":
                          f"Check the dataset for NaNs or lower --lr.")
         if is_log_step:
             with torch.no_grad():
-                _, val_metrics = deflow_losses(agent, sample_batch(val_data, args.batch_size), args, with_mse=True)
+                val_batch = sample_batch(val_data, args.batch_size)
+                val_noise = update_noise(args.batch_size, action_dim, device, with_mse=True)
+                _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
             now = time.time()
             row = {f"training/{k}": v.item() for k, v in metrics.items()}
             row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})

@@ -35,7 +35,7 @@ discount 0.99, q_agg mean; note the paper's pixel tasks are task1, not the defau
   visual-puzzle-3x3-play-singletask-task1-v0    0.0005
   visual-puzzle-4x4-play-singletask-task1-v0    0.0005
 
-Deviations from the official code (everything else follows it; ../shared/SPEC.md has the details):
+Deviations from the official code (everything else follows it):
   - The dataset is stored as frames, each once, on the training device, and a batch is stacked from frame indices
     (clamped to the episode's first frame, as officially); officially observations and next observations are two
     host arrays (24 GB for 1M frames). --dataset-fraction (new) keeps the first part of the episodes, and the script
@@ -60,8 +60,17 @@ Deviations from the official code (everything else follows it; ../shared/SPEC.md
     the eval RNG comes from numpy's global RNG and resets are unseeded.)
   - --capture-video (new) writes the first --video-episodes evaluation episodes as mp4 files (the frames the agent
     sees, 64x64), in videos/ of the run.
-  - --compile (new, off by default) runs the same training step through torch.compile, and on CUDA replays it as
-    CUDA graphs; the eager code below is the reference it must match.
+  - The same update, computed in fewer and larger operations (the numbers agree up to float rounding, tested): the
+    update's two no-gradient 10-step flow rollouts (pi(s') for the TD target, the base actions at s) run as one
+    rollout over 2B rows of encoder features; the features' part of the flow's first layer is computed once per
+    rollout, not at each Euler step; the 2 critics are one batched matmul per layer; Adam is PyTorch's fused Adam.
+    The update's noise is one N(0, I) draw of shape (3, B, A) plus t ~ U[0, 1) of shape (B, 1), made outside the
+    losses (officially the JAX key is split per use): the same distributions, other numbers.
+  - --compile (new, on by default; --no-compile runs the eager code) runs the losses' forward and backward (encoders
+    included) through torch.compile, and on CUDA replays them as CUDA graphs. The eager code below is the reference
+    it must match (tests/test_pixels.py). Compiled, the tanh-GELU is written as x * sigmoid(2u), the same function.
+  - --precision (new; float32 by default, as officially) can run the no-gradient rollouts' matmuls, or every matmul
+    and convolution, in bfloat16 (torch.autocast; weights, Adam and the losses stay float32).
   - OGBench >= 1.2 semantics (success judged on the pre-step state), as the installed package does.
   - --eval-sampler max-q / iterative exist officially (sample_actions_max_q, sample_actions_iterative_refinement) but
     no command reaches them. Here they are flags, batched over states, and max-q takes the argmax of Q (the official
@@ -75,6 +84,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -137,8 +147,9 @@ class Args:
     """evaluate at update 1, every this many updates and at the end (0: never)"""
     eval_episodes: int = 50
     """episodes per evaluation"""
-    eval_envs: int = 50
-    """environments that run the evaluation episodes side by side (one batched policy call per step)"""
+    eval_envs: int = 8
+    """environments that run the evaluation episodes side by side (one batched policy call per step); each holds
+    about 0.15-0.2 GB of memory (manipulation tasks), and the results do not depend on how many"""
     eval_workers: int = 0
     """processes that step (and render) the evaluation environments (0: this one); worth it with cores to spare"""
     eval_max_episode_steps: Optional[int] = None
@@ -193,8 +204,13 @@ class Args:
     """scale the Q loss by 1 / mean|Q| (every official recipe sets this)"""
 
     # --- speed (changes no math) ---
-    compile: bool = False
-    """torch.compile the training step (batch assembly + update); on CUDA also replay it as CUDA graphs"""
+    compile: bool = True
+    """torch.compile the losses (forward and backward) and the evaluation policy; on CUDA also replay the losses as
+    CUDA graphs. The first update compiles for a minute or so; --no-compile runs the eager reference code"""
+    precision: Literal["float32", "bf16-rollouts", "bf16"] = "float32"
+    """matmul precision: float32 (official); bf16-rollouts: the matmuls of the no-gradient flow rollouts (TD target,
+    base actions, evaluation) in bfloat16; bf16: every matmul in bfloat16 (autocast; weights, Adam and the losses
+    stay float32)"""
 
     # --- evaluation-time action selection (training always uses the plain sampler) ---
     eval_sampler: Literal["flow", "max-q", "iterative"] = "flow"
@@ -209,11 +225,22 @@ class Args:
 # Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer, Xavier-uniform weights
 # (convolutions too), zero biases, plain Linear output.
 # ---------------------------------------------------------------------------------------------------------------------
+class GELU(nn.Module):
+    """Flax's default GELU, the tanh approximation: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Under
+    torch.compile it is written as x * sigmoid(2u), the same function: a CPU compiles that into a kernel about twice as
+    fast as tanh's, while in eager mode PyTorch's own gelu kernel is the faster."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 sqrt(2/pi) = 1.5957...
+        return F.gelu(x, approximate="tanh")
+
+
 def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: Optional[int], layer_norm: bool) -> nn.Sequential:
     """out_dim None: no output layer, the last hidden layer's activation is the output (Flax's activate_final)."""
     layers: list[nn.Module] = []
     for width in hidden_dims:
-        layers += [nn.Linear(in_dim, width), nn.GELU(approximate="tanh")]
+        layers += [nn.Linear(in_dim, width), GELU()]
         if layer_norm:
             layers.append(nn.LayerNorm(width, eps=1e-6))
         in_dim = width
@@ -294,18 +321,53 @@ class VectorField(nn.Module):
         return self.net(torch.cat(inputs, dim=-1))
 
 
-class Critic(nn.Module):
-    """Two independently initialised Q networks on one shared encoder; forward(features, actions) -> (2, B)."""
+class EnsembleLinear(nn.Module):
+    """`members` independent Linear layers in one: (members, B, in) -> (members, B, out) by one batched matmul.
+    Each member's weight is Xavier-uniform for its own fan-in and fan-out (as nn.Linear under mlp()'s init)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], action_dim: int, args: Args):
+    def __init__(self, members: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = math.sqrt(6 / (in_dim + out_dim))
+        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm (eps 1e-6) with a scale and shift of each member's own: (members, B, width)."""
+
+    def __init__(self, members: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(members, 1, width))
+        self.bias = nn.Parameter(torch.zeros(members, 1, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """Two independently initialised Q networks on one shared encoder; forward(features, actions) -> (2, B). The two
+    run together: every layer holds both members' weights and is one batched matmul (the same numbers as two MLPs)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], action_dim: int, args: Args, members: int = 2):
         super().__init__()
         self.encoder = ImpalaEncoder(image_shape, args.encoder_stack_sizes, args.encoder_head_dims)
-        self.members = nn.ModuleList(mlp(self.encoder.out_dim + action_dim, args.value_hidden_dims, 1, args.layer_norm)
-                                     for _ in range(2))
+        layers: list[nn.Module] = []
+        in_dim = self.encoder.out_dim + action_dim
+        for width in args.value_hidden_dims:
+            layers += [EnsembleLinear(members, in_dim, width), GELU()]
+            if args.layer_norm:
+                layers.append(EnsembleLayerNorm(members, width))
+            in_dim = width
+        layers.append(EnsembleLinear(members, in_dim, 1))
+        self.members, self.net = members, nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([features, actions], dim=-1)
-        return torch.stack([member(x).squeeze(-1) for member in self.members])
+        rows = x.reshape(-1, x.shape[-1])  # any leading shape (B or B x N), as rows
+        return self.net(rows.expand(self.members, *rows.shape)).reshape(self.members, *x.shape[:-1])
 
 
 class DeFlowAgent(nn.Module):
@@ -327,11 +389,18 @@ class DeFlowAgent(nn.Module):
 # each encode the frames once.
 # ---------------------------------------------------------------------------------------------------------------------
 def flow_actions(flow: VectorField, features: torch.Tensor, noise: torch.Tensor, flow_steps: int) -> torch.Tensor:
-    """a_base = clip(x_K, -1, 1), x_0 = noise, x_{i+1} = x_i + mu(s, x_i, i/K) / K. Clipped only at the end."""
+    """a_base = clip(x_K, -1, 1), x_0 = noise, x_{i+1} = x_i + mu(s, x_i, i/K) / K. Clipped only at the end.
+
+    mu's first layer is W [e, x, t] + b = W_e e + (W_x x + b + t W_t) for the features e of s. The part of e is the
+    same at every Euler step, so it is computed once; the rest of mu is flow.net[1:]. (The same numbers as calling
+    flow(features, x, t) K times.)"""
+    first, rest = flow.net[0], flow.net[1:]
+    w_e, w_x, w_t = first.weight.split([features.shape[-1], noise.shape[-1], 1], dim=1)
+    features_part = F.linear(features, w_e)
     x = noise
     for i in range(flow_steps):
-        t = torch.full((*features.shape[:-1], 1), i / flow_steps, device=features.device)
-        x = x + flow(features, x, t) / flow_steps
+        t = i / flow_steps
+        x = x + rest(features_part + F.linear(x, w_x, first.bias + t * w_t[:, 0])) / flow_steps
     return x.clamp(-1, 1)
 
 
@@ -352,7 +421,7 @@ def sample_actions(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Tensor, f
 def sample_actions_max_q(agent: DeFlowAgent, obs: torch.Tensor, noise: torch.Tensor, flow_steps: int) -> torch.Tensor:
     """Refine the base action with the highest ensemble-mean Q among N flow samples per state; noise (B, N, A)."""
     n = noise.shape[1]
-    base_actions = flow_actions(agent.flow, agent.flow.encoder(obs)[:, None].expand(-1, n, -1), noise, flow_steps)
+    base_actions = flow_actions(agent.flow, agent.flow.encoder(obs)[:, None], noise, flow_steps)  # (B, N, A)
     qs = agent.critic(agent.critic.encoder(obs)[:, None].expand(-1, n, -1), base_actions)  # (2, B, N)
     best = qs.mean(dim=0).argmax(dim=1)  # official code: argmin (a bug)
     base_actions = base_actions[torch.arange(obs.shape[0], device=obs.device), best]
@@ -400,18 +469,41 @@ def flow_matching_loss(flow: VectorField, features: torch.Tensor, actions: torch
 #   log_alpha               <- alpha_loss                   (raise alpha when distill > delta, lower it when below)
 #   target (+ its encoder)  <- nothing; EMA of the critic's pre-step weights
 # ---------------------------------------------------------------------------------------------------------------------
-def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args, with_mse: bool = False):
-    """Return (total loss, metrics dict of 0-d tensors) for one batch. Official metric names."""
+def autocast(args: Args, device: torch.device, rollout: bool):
+    """bfloat16 matmuls where --precision asks for them: bf16 everywhere, bf16-rollouts in the no-gradient rollouts."""
+    enabled = args.precision == "bf16" or (rollout and args.precision == "bf16-rollouts")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def update_noise(batch_size: int, action_dim: int, device: torch.device, with_mse: bool = False) -> dict:
+    """The update's random draws, made here and passed in, so that eager and --compile use the same numbers: N(0, I)
+    noise for the TD target's next actions, the flow-matching start x_0 and the base actions (and, with_mse, for the
+    `mse` metric's policy actions), and the flow-matching time t ~ U[0, 1), one per sample."""
+    noise = torch.randn((3 + with_mse, batch_size, action_dim), device=device)
+    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2]}
+    if with_mse:
+        draws["mse"] = noise[3]
+    return {**draws, "t": torch.rand((batch_size, 1), device=device)}
+
+
+def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor], args: Args):
+    """Return (total loss, metrics dict of 0-d tensors) for one batch and its draws (update_noise). Official metric
+    names; `actor/mse` when noise has its draw. The unit that --compile compiles (forward and backward)."""
     obs, next_obs, actions = batch["observations"], batch["next_observations"], batch["actions"]
-    # The update's random draws, first: N(0, I) noise for the TD target's actions, the flow-matching start x_0 and the
-    # base actions, then the flow-matching time t ~ U[0, 1), one per sample. (One randn: torch.compile 2.13 would merge
-    # separate randn_like calls into one draw, silently reusing the same noise.)
-    next_noise, x_0, base_noise = torch.randn((3, *actions.shape), device=actions.device).unbind(0)
-    t = torch.rand((actions.shape[0], 1), device=actions.device)
+    flow_features = agent.flow.encoder(obs)  # trains the flow's encoder through the flow-matching loss below
+
+    # The update's two 10-step flow rollouts, both without gradient and independent of each other: pi(s') for the TD
+    # target and the base actions at s. One rollout over 2B rows of the flow's features (s' rows first) does both. No
+    # gradient reaches the flow (or its encoder) through a_base.
+    with torch.no_grad(), autocast(args, obs.device, rollout=True):
+        next_flow_features = agent.flow.encoder(next_obs)
+        next_base_actions, base_actions = flow_actions(
+            agent.flow, torch.cat([next_flow_features, flow_features.detach()]),
+            torch.cat([noise["next_actions"], noise["base_actions"]]), args.flow_steps).chunk(2)
 
     # Critic: TD target with the current policy and the target critic (and its encoder), all without gradient.
     with torch.no_grad():
-        next_actions = sample_actions(agent, next_obs, next_noise, args.flow_steps)
+        next_actions = (next_base_actions + agent.refine(agent.refine.encoder(next_obs), next_base_actions)).clamp(-1, 1)
         next_qs = agent.target_critic(agent.target_critic.encoder(next_obs), next_actions)
         next_q = next_qs.min(dim=0).values if args.q_agg == "min" else next_qs.mean(dim=0)
         target_q = batch["rewards"] + args.discount * batch["masks"] * next_q
@@ -419,13 +511,10 @@ def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args
     qs = agent.critic(critic_features, actions)
     critic_loss = (qs - target_q).square().mean()
 
-    # Flow matching from noise x_0 to the dataset action (trains the flow's encoder).
-    flow_features = agent.flow.encoder(obs)
-    bc_flow_loss = flow_matching_loss(agent.flow, flow_features, actions, x_0, t)
+    # Flow matching from noise x_0 to the dataset action.
+    bc_flow_loss = flow_matching_loss(agent.flow, flow_features, actions, noise["x_0"], noise["t"])
 
-    # Refinement of base actions from the flow. No gradient reaches the flow (or its encoder) through a_base.
-    with torch.no_grad():
-        base_actions = flow_actions(agent.flow, flow_features.detach(), base_noise, args.flow_steps)
+    # Refinement of the base actions (from the rollout above).
     refine_features = agent.refine.encoder(obs)
     refinement = agent.refine(refine_features, base_actions)
     distill_loss = refinement.square().mean()  # D: mean over batch and action dims (per-dimension size)
@@ -453,18 +542,21 @@ def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], args: Args
         "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
         "actor/alpha_value": alpha.detach().squeeze(),
     }
-    if with_mse:
-        with torch.no_grad():
-            policy = refine_actions(agent, flow_features.detach(), refine_features.detach(),
-                                    torch.randn(actions.shape, device=actions.device), args.flow_steps)
+    if "mse" in noise:  # a third rollout, on logging steps only
+        with torch.no_grad(), autocast(args, obs.device, rollout=True):
+            policy = refine_actions(agent, flow_features.detach(), refine_features.detach(), noise["mse"],
+                                    args.flow_steps)
             metrics["actor/mse"] = (policy - actions).square().mean()
     return critic_loss + actor_loss, metrics
 
 
 def update(agent: DeFlowAgent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args,
-           with_mse: bool = False) -> dict[str, torch.Tensor]:
-    """One DeFlow update: losses, one backward, target EMA from the pre-step critic, one Adam step."""
-    loss, metrics = deflow_losses(agent, batch, args, with_mse)
+           with_mse: bool = False, losses=deflow_losses) -> dict[str, torch.Tensor]:
+    """One DeFlow update: draws, losses (`losses`: deflow_losses or its compiled twin), one backward, target EMA from
+    the pre-step critic, one Adam step."""
+    noise = update_noise(*batch["actions"].shape, batch["actions"].device, with_mse)
+    with autocast(args, batch["actions"].device, rollout=False):
+        loss, metrics = losses(agent, batch, noise, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, with theta before this step
@@ -511,9 +603,10 @@ def sample_batch(data: dict[str, torch.Tensor], batch_size: int, frame_stack: in
 
 
 def train_step(agent: DeFlowAgent, optimizer: torch.optim.Optimizer, data: dict[str, torch.Tensor], args: Args,
-               with_mse: bool = False) -> dict[str, torch.Tensor]:
-    """Assemble a batch on the device and update: the unit that --compile compiles (on CUDA: replays as CUDA graphs)."""
-    return update(agent, optimizer, sample_batch(data, args.batch_size, args.frame_stack, args.p_aug), args, with_mse)
+               with_mse: bool = False, losses=deflow_losses) -> dict[str, torch.Tensor]:
+    """One training iteration: a batch assembled on the device, then the update."""
+    batch = sample_batch(data, args.batch_size, args.frame_stack, args.p_aug)
+    return update(agent, optimizer, batch, args, with_mse, losses)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -546,7 +639,8 @@ def evaluate(agent: DeFlowAgent, envs: EnvPool, num_episodes: int, args: Args, s
         obs = torch.as_tensor(np.stack([np.concatenate(e["frames"], axis=-1) for e in running.values()]),
                               device=device)
         noise = torch.stack([torch.randn(noise_shape, generator=e["noise"]) for e in running.values()]).to(device)
-        actions = policy(agent, obs, noise, args).cpu().numpy()
+        with autocast(args, device, rollout=True):
+            actions = policy(agent, obs, noise, args).float().cpu().numpy()
         steps = envs.step({i: np.clip(action, -1, 1) for i, action in zip(running, actions)})
         for i, (frame, reward, terminated, truncated, success) in steps.items():
             state = running[i]
@@ -615,6 +709,16 @@ def truncate_csv(path: Path, last_step: int) -> None:
     atomic_write(path, write)
 
 
+def check_compiler(device: torch.device) -> None:
+    """--compile needs a C++ compiler (CPU) or Triton (CUDA): a one-line function compiled first turns a missing one
+    into one clear line instead of a traceback at the first update."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        sys.exit(f"error: torch.compile does not work here ({str(e).strip().splitlines()[0]}); "
+                 f"run with --no-compile (the eager code: the same results, slower)")
+
+
 def parse_args() -> tuple[Args, Optional[dict]]:
     """The command line; with --resume, the checkpoint's settings become the defaults that flags still override."""
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
@@ -654,12 +758,14 @@ if __name__ == "__main__":
     print(f"dataset: {memory}")
     num_eval_envs = max(1, min(args.eval_envs, args.eval_episodes)) if args.eval_interval > 0 else 0
     eval_envs = EnvPool(args.env_name, num_eval_envs, args.eval_workers, args.eval_max_episode_steps)
+    if num_eval_envs:
+        print(f"{eval_envs.describe()}; --eval-envs sets how many")
     height, width, channels = train_data["frames"].shape[1:]
     image_shape = (height, width, channels * args.frame_stack)
     action_dim = train_data["actions"].shape[-1]
 
     agent = DeFlowAgent(image_shape, action_dim, args).to(device)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, fused=True)
     start_step = 1
     if checkpoint is not None:
         try:
@@ -703,13 +809,15 @@ if __name__ == "__main__":
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         atomic_write(run_dir / "checkpoint.pt", lambda f: torch.save(state, f))
 
-    # --compile: the same math in fewer, fused kernels. On CUDA "reduce-overhead" also records the step as CUDA graphs
-    # and replays them (no per-kernel launches); the batch indices, the shift and all noise are drawn inside.
-    step_fn, policy_fn = train_step, eval_actions
+    # --compile: the losses (forward and backward) as fused kernels, the same math. On CUDA "reduce-overhead" also
+    # records them as CUDA graphs and replays them. The batch and the noise are drawn outside, eagerly, on the device.
+    losses_fn, policy_fn = deflow_losses, eval_actions
     if args.compile:
-        step_fn = torch.compile(train_step, mode="reduce-overhead" if device.type == "cuda" else None)
+        check_compiler(device)
+        losses_fn = torch.compile(deflow_losses, mode="reduce-overhead" if device.type == "cuda" else None)
         policy_fn = torch.compile(eval_actions, dynamic=True)  # evaluation batches shrink as episodes end
-        print("--compile: the first update and the first evaluation compile first (a minute or two each)")
+        print("--compile: the first update, the first logging step and the first evaluation compile first (up to a "
+              "minute each; --no-compile skips this)")
 
     # Non-finite losses are recorded on the device (first bad step per term) and read at log intervals only.
     first_bad_step = None
@@ -721,7 +829,7 @@ if __name__ == "__main__":
         is_log_step = step % args.log_interval == 0 or step == args.offline_steps
         if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
-        metrics = step_fn(agent, optimizer, train_data, args, with_mse=is_log_step)
+        metrics = train_step(agent, optimizer, train_data, args, is_log_step, losses_fn)
 
         checked = [name for name in metrics if name != "actor/mse"]  # the same terms on every step
         values = torch.stack([metrics[name] for name in checked])
@@ -741,7 +849,8 @@ if __name__ == "__main__":
         if is_log_step:
             with torch.no_grad():  # validation batches are shifted too, as officially
                 val_batch = sample_batch(val_data, args.batch_size, args.frame_stack, args.p_aug)
-                _, val_metrics = deflow_losses(agent, val_batch, args, with_mse=True)
+                val_noise = update_noise(args.batch_size, action_dim, device, with_mse=True)
+                _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
             now = time.time()
             row = {f"training/{k}": v.item() for k, v in metrics.items()}
             row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})

@@ -30,22 +30,47 @@ def _handle(envs: list, command: str, payload: dict) -> dict:
 
 def _worker(env_name: str, count: int, max_episode_steps: int | None, connection) -> None:
     envs = [make_env(env_name, max_episode_steps) for _ in range(count)]
+    connection.send("ready")
     while (message := connection.recv())[0] != "close":
         connection.send(_handle(envs, *message))
 
 
+def resident_gb(pid: int | str = "self") -> float:
+    """Resident memory of a process in GB, from /proc (Linux); 0.0 where that is not available."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1e6
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
 class EnvPool:
+    """`memory_gb`: the resident memory the pool added, measured when it was made (its environments in this process,
+    or its worker processes whole); about 0.15-0.2 GB per manipulation environment."""
+
     def __init__(self, env_name: str, num_envs: int, workers: int = 0, max_episode_steps: int | None = None):
         self.num_envs, self.workers, self.connections = num_envs, min(workers, num_envs), []
         if self.workers == 0:
+            before = resident_gb()
             self.envs = [make_env(env_name, max_episode_steps) for _ in range(num_envs)]
+            self.memory_gb = resident_gb() - before
             return
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: safe next to torch's threads
+        processes = []
         for w in range(self.workers):
             parent, child = context.Pipe()
             count = len(range(w, num_envs, self.workers))
-            context.Process(target=_worker, args=(env_name, count, max_episode_steps, child), daemon=True).start()
+            processes.append(context.Process(target=_worker, args=(env_name, count, max_episode_steps, child),
+                                             daemon=True))
+            processes[-1].start()
             self.connections.append(parent)
+        for connection in self.connections:
+            connection.recv()  # "ready": the worker has made its environments
+        self.memory_gb = sum(resident_gb(process.pid) for process in processes)
+
+    def describe(self) -> str:
+        where = f"in {self.workers} worker processes" if self.workers else "in this process"
+        return f"{self.num_envs} evaluation environments side by side {where} ({self.memory_gb:.1f} GB resident)"
 
     def _call(self, command: str, payload: dict) -> dict:
         """Run `command` on the environments in `payload` ({env index: value}): here, or each worker its part."""

@@ -1,30 +1,38 @@
 """Speed benchmark, run on request (not part of the test suite):
 
-    python -m tests.benchmark            # on CUDA when present, else the CPU; prints a table, writes it to --out
+    python -m tests.benchmark                          # this checkout; on CUDA when present, else the CPU
+    python -m tests.benchmark --baseline ../deflow-old # and another checkout of this project, side by side
 
-It measures, side by side in one run:
-  - updates/s of deflow_offline.py's training step (batch draw + update), eager and --compile, at each --widths
-    (4 layers per network, batch 256, 10 flow steps, cube-single's 28-dim observations and 5-dim actions);
-  - the critic ensemble's forward + backward, as the scripts run it (a Python loop over 2 MLPs) and vmapped over
-    stacked weights (the alternative the scripts would use if it were faster);
-  - seconds for --eval-episodes evaluation episodes of a real OGBench environment at paper size (4x512, untrained,
-    so every episode runs to the time limit): one environment at a time, and all side by side (one batched policy
-    call per step), eager, --compile, and stepped in one worker process per core (--eval-workers). All give the
-    same per-episode results (tests/test_speed.py).
-Timings exclude compilation, which is reported apart ("compile s": the warm-up calls).
+It measures, in one run, and writes the tables to --out (README "Speed" shows them):
+  - Training: updates/s of deflow_offline.py's training iteration (batch draw, noise, losses, backward, target EMA,
+    Adam) at each --widths (4 hidden layers in every network, batch 256, 10 flow steps, cube-single's 28-dim
+    observations and 5-dim actions, random data): eager, --compile, and --compile with --precision bf16-rollouts and
+    bf16; with --baseline, that checkout's eager and --compile as well. The variants run interleaved, a block of
+    updates each in turn for --rounds rounds, so that a slow spell of a shared machine hits them alike. Each cell is
+    the median block; a ratio is the median of the per-round ratios to the first column. Compilation is excluded
+    (warm-up calls) and reported apart.
+  - GFLOP/s achieved: the matmul FLOPs of one update (forward and backward, counted by torch.utils.flop_counter on
+    the eager update) times updates/s.
+  - Evaluation: seconds and resident memory of --eval-episodes episodes on a real environment with an untrained 4x512
+    agent (so every episode runs to its time limit): the default number of environments side by side (eager and
+    compiled policy) and 50 side by side (the old default).
+  - The peak resident memory of the benchmark process.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
+import importlib.util
 import platform
+import resource
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import tyro
+from torch.utils.flop_counter import FlopCounterMode
 
 import deflow_offline
 from common.envs import EnvPool
@@ -36,16 +44,20 @@ OBS_DIM, ACTION_DIM = 28, 5  # cube-single
 class Args:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'"""
-    widths: tuple[int, ...] = (512, 256)
+    widths: tuple[int, ...] = (128, 256, 512)
     """hidden width of every network (4 hidden layers each); 512 is the paper's"""
-    updates: int = 50
-    """timed updates per row, after 3 warm-up updates"""
+    baseline: str | None = None
+    """another checkout of this project (e.g. a git worktree of an older commit) to time side by side"""
+    rounds: int = 7
+    """rounds of timed blocks (one block per variant per round)"""
+    block_seconds: float = 2.0
+    """about how long one block of updates takes"""
     eval_episodes: int = 50
-    """evaluation episodes per row (0: skip the evaluation rows)"""
+    """evaluation episodes per evaluation row (0: no evaluation rows)"""
     env_name: str = "cube-single-play-singletask-task1-v0"
     """OGBench environment of the evaluation rows"""
     out: str = "runs/benchmark-{device}.md"
-    """where the table goes ({device} is replaced)"""
+    """where the tables go ({device} is replaced)"""
 
 
 def sync(device: torch.device) -> None:
@@ -53,101 +65,129 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def agent_of_width(width: int, device: torch.device) -> tuple[deflow_offline.DeFlowAgent, deflow_offline.Args]:
+def load_baseline(path: str):
+    """deflow_offline.py of another checkout, as its own module."""
+    spec = importlib.util.spec_from_file_location("baseline_deflow_offline", Path(path) / "deflow_offline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_step(script, width: int, device: torch.device, compiled: bool, precision: str = "float32"):
+    """A fresh agent of `width` and a function doing one training iteration on it, as the script's main loop does."""
     torch.manual_seed(0)
     hidden = (width,) * 4
-    args = dataclasses.replace(deflow_offline.Args(), actor_hidden_dims=hidden, refine_hidden_dims=hidden,
+    args = dataclasses.replace(script.Args(), actor_hidden_dims=hidden, refine_hidden_dims=hidden,
                                value_hidden_dims=hidden)
-    return deflow_offline.DeFlowAgent(OBS_DIM, ACTION_DIM, args).to(device), args
+    agent = script.DeFlowAgent(OBS_DIM, ACTION_DIM, args).to(device)
+    params = [p for p in agent.parameters() if p.requires_grad]
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if not hasattr(script, "update_noise"):  # an older checkout: its whole training step compiled, its Adam
+        optimizer = torch.optim.Adam(params, lr=args.lr)
+        step_fn = torch.compile(script.train_step, mode=mode) if compiled else script.train_step
+        return lambda data: step_fn(agent, optimizer, data, args), agent, args, optimizer
+    args.precision = precision
+    optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)
+    losses = torch.compile(script.deflow_losses, mode=mode) if compiled else script.deflow_losses
+
+    def step(data):
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        return script.train_step(agent, optimizer, data, args, losses=losses)
+
+    return step, agent, args, optimizer
 
 
-def timed(fn, warmup: int, repeats: int, device: torch.device) -> tuple[float, float]:
-    """(seconds of the warm-up calls, calls per second afterwards)."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    warm = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return warm, repeats / (time.perf_counter() - start)
+def update_flops(width: int, data: dict, device: torch.device) -> int:
+    """Matmul FLOPs of one eager update (forward and backward) of this checkout."""
+    step, *_ = make_step(deflow_offline, width, device, compiled=False)
+    with FlopCounterMode(display=False) as counter:
+        step(data)
+    return counter.get_total_flops()
 
 
-def update_rows(width: int, args: Args, device: torch.device) -> list[tuple[str, str, str]]:
+def training_rows(args: Args, device: torch.device, baseline) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    variants = [("eager", deflow_offline, False, "float32"), ("--compile", deflow_offline, True, "float32"),
+                ("--compile, bf16-rollouts", deflow_offline, True, "bf16-rollouts"),
+                ("--compile, bf16", deflow_offline, True, "bf16")]
+    if baseline is not None:
+        variants = [("baseline eager", baseline, False, "float32"), ("baseline --compile", baseline, True, "float32"),
+                    *variants]
     g = torch.Generator().manual_seed(0)
     n = 100_000
     data = {"observations": torch.randn(n, OBS_DIM, generator=g), "actions": torch.rand(n, ACTION_DIM, generator=g),
             "rewards": -torch.rand(n, generator=g), "masks": torch.ones(n),
             "next_observations": torch.randn(n, OBS_DIM, generator=g)}
     data = {k: v.to(device) for k, v in data.items()}
-    rows, speeds = [], {}
-    for compiled in (False, True):
-        agent, agent_args = agent_of_width(width, device)
-        optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=3e-4)
-        step_fn = deflow_offline.train_step
-        if compiled:
-            step_fn = torch.compile(step_fn, mode="reduce-overhead" if device.type == "cuda" else None)
-
-        def one_update():
-            if compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            step_fn(agent, optimizer, data, agent_args)
-
-        warm, speeds[compiled] = timed(one_update, 3, args.updates, device)
-        rows.append((f"update 4x{width}, {'--compile' if compiled else 'eager'}", f"{speeds[compiled]:.2f} updates/s",
-                     f"compile s {warm:.0f}" if compiled else ""))
-    rows[-1] = (*rows[-1][:2], rows[-1][2] + f"; {speeds[True] / speeds[False]:.2f}x eager")
-    return rows
-
-
-def critic_rows(width: int, args: Args, device: torch.device) -> list[tuple[str, str, str]]:
-    """Forward + backward of the 2-member critic on a batch of 256: the scripts' loop vs vmap over stacked weights."""
-    agent, _ = agent_of_width(width, device)
-    critic = agent.critic
-    obs, actions = torch.randn(256, OBS_DIM, device=device), torch.rand(256, ACTION_DIM, device=device)
-    params, buffers = torch.func.stack_module_state(list(critic.members))
-    base = copy.deepcopy(critic.members[0]).to("meta")
-    x = torch.cat([obs, actions], dim=-1)
-
-    def member(p, b, inputs):
-        return torch.func.functional_call(base, (p, b), (inputs,)).squeeze(-1)
-
-    def loop():
-        critic(obs, actions).sum().backward()
-
-    def vmapped():
-        torch.func.vmap(member, in_dims=(0, 0, None))(params, buffers, x).sum().backward()
-
-    speeds = {name: timed(fn, 3, 5 * args.updates, device)[1] for name, fn in (("loop", loop), ("vmap", vmapped))}
-    return [(f"critic fwd+bwd 4x{width}, {name}", f"{speed:.1f} calls/s", "") for name, speed in speeds.items()]
+    speed_rows, flop_rows = [], []
+    for width in args.widths:
+        steps, notes = [], []
+        for name, script, compiled, precision in variants:
+            step = make_step(script, width, device, compiled, precision)[0]
+            start = time.perf_counter()
+            for _ in range(3):
+                step(data)
+            sync(device)
+            warm = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(3):
+                step(data)
+            sync(device)
+            block = max(3, round(args.block_seconds * 3 / (time.perf_counter() - start)))
+            steps.append((step, block))
+            notes.append(f"{name} compiled in {warm:.0f} s" if compiled else "")
+            print(f"  4x{width} {name}: ready (block of {block} updates)", flush=True)
+        speeds = [[] for _ in variants]
+        for _ in range(args.rounds):
+            for (step, block), measured in zip(steps, speeds):
+                start = time.perf_counter()
+                for _ in range(block):
+                    step(data)
+                sync(device)
+                measured.append(block / (time.perf_counter() - start))
+        flops = update_flops(width, data, device)
+        cells, flop_cells = [], []
+        for measured in speeds:
+            ratio = statistics.median(m / first for m, first in zip(measured, speeds[0]))
+            median = statistics.median(measured)
+            cells.append(f"{median:.1f}" + ("" if measured is speeds[0] else f" ({ratio:.2f}x)"))
+            flop_cells.append(f"{median * flops / 1e9:.0f}")
+        speed_rows.append([f"4x{width}", *cells])
+        flop_rows.append([f"4x{width} ({flops / 1e9:.2f} GFLOP per update)", *flop_cells])
+        print("  " + " | ".join(speed_rows[-1]) + "   " + "; ".join(note for note in notes if note), flush=True)
+    return [name for name, *_ in variants], speed_rows, flop_rows
 
 
-def evaluation_rows(args: Args, device: torch.device) -> list[tuple[str, str, str]]:
-    agent, agent_args = agent_of_width(512, device)
+def evaluation_rows(args: Args, device: torch.device) -> list[list[str]]:
+    hidden = (512,) * 4
+    agent_args = dataclasses.replace(deflow_offline.Args(), actor_hidden_dims=hidden, refine_hidden_dims=hidden,
+                                     value_hidden_dims=hidden)
+    torch.manual_seed(0)
+    agent = deflow_offline.DeFlowAgent(OBS_DIM, ACTION_DIM, agent_args).to(device)
+    default_envs = deflow_offline.Args().eval_envs
+    EnvPool(args.env_name, 1).close()  # imports MuJoCo and OGBench first, as the scripts' data loading does
     rows = []
-    workers = os.cpu_count() or 1
-    for num_envs, compiled, num_workers in ((1, False, 0), (args.eval_episodes, False, 0),
-                                            (args.eval_episodes, True, 0), (args.eval_episodes, False, workers)):
-        envs = EnvPool(args.env_name, num_envs, num_workers)
-        envs.reset({i: 0 for i in range(num_envs)})  # wait until every worker has made its environments
-        policy, note = deflow_offline.eval_actions, ""
+    for num_envs, compiled in ((default_envs, False), (default_envs, True), (50, False)):
+        envs = EnvPool(args.env_name, num_envs)
+        policy = deflow_offline.eval_actions
         if compiled:
             policy = torch.compile(deflow_offline.eval_actions, dynamic=True)
-            start = time.perf_counter()
-            deflow_offline.evaluate(agent, envs, 2, agent_args, seed=10_000, policy=policy)[0]  # compile
-            note = f"compile s {time.perf_counter() - start:.0f}; "
+            deflow_offline.evaluate(agent, envs, 2, agent_args, seed=10_000, policy=policy)  # compiles
         start = time.perf_counter()
         result = deflow_offline.evaluate(agent, envs, args.eval_episodes, agent_args, seed=0, policy=policy)[0]
         seconds = time.perf_counter() - start
+        layout = f"{num_envs} side by side" + (" (default)" if num_envs == default_envs else "")
+        rows.append([layout, "compiled" if compiled else "eager", f"{seconds:.1f}", f"{envs.memory_gb:.2f}",
+                     f"{result['episode.length']:.0f}"])
+        print("  " + " | ".join(rows[-1]), flush=True)
         envs.close()
-        layout = "one by one (1 env)" if num_envs == 1 else f"{num_envs} envs side by side"
-        layout += f" in {num_workers} worker processes" if num_workers else ""
-        rows.append((f"evaluation, {layout}{', --compile' if compiled else ''}",
-                     f"{seconds:.1f} s / {args.eval_episodes} episodes",
-                     note + f"success {result['success']:.2f}, mean length {result['episode.length']:.0f}"))
+        del envs
     return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header)] + [f"| {' | '.join(row)} |" for row in rows]
 
 
 if __name__ == "__main__":
@@ -156,20 +196,25 @@ if __name__ == "__main__":
                           "cpu" if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    header = f"DeFlow speed on {device} ({name}), torch {torch.__version__}, batch 256, 10 flow steps"
-    print(header, flush=True)
-    rows = []
-    for width in args.widths:
-        for row in update_rows(width, args, device) + critic_rows(width, args, device):
-            print("  ".join(row), flush=True)
-            rows.append(row)
+    title = (f"DeFlow speed on {device} ({name}), torch {torch.__version__}, batch 256, 10 flow steps, "
+             f"{args.rounds} rounds of ~{args.block_seconds:.0f} s blocks per variant")
+    print(title, flush=True)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    names, speed_rows, flop_rows = training_rows(args, device, baseline)
+    training_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+    lines = [title, "", "Training, updates/s (ratio to the first column):", ""]
+    lines += table(["networks", *names], speed_rows)
+    lines += ["", "Training, matmul GFLOP/s achieved:", ""] + table(["networks", *names], flop_rows)
     if args.eval_episodes > 0:
-        for row in evaluation_rows(args, device):
-            print("  ".join(row), flush=True)
-            rows.append(row)
-    lines = [header, "", "| what | speed | notes |", "|---|---|---|"] + [f"| {' | '.join(row)} |" for row in rows]
-    table = "\n".join(lines)
+        eval_rows = evaluation_rows(args, device)
+        lines += ["", f"Evaluation of {args.eval_episodes} episodes on {args.env_name}, untrained 4x512 agent:", ""]
+        lines += table(["environments", "policy", "seconds", "environments' resident memory (GB)", "mean length"],
+                       eval_rows)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    lines += ["", f"Peak resident memory of the benchmark process: {training_peak_gb:.1f} GB after the training rows, "
+              f"{peak_gb:.1f} GB in all"]
     out = Path(args.out.format(device=device.type))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[1:]))
     print(f"written to {out}")

@@ -14,7 +14,7 @@ from common.generate import generate_dataset
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NETS = dict(actor_hidden_dims=(32, 32), refine_hidden_dims=(32, 32), value_hidden_dims=(32, 32))
 TINY_FLAGS = ["--actor-hidden-dims", "32", "32", "--refine-hidden-dims", "32", "32", "--value-hidden-dims", "32", "32",
-              "--batch-size", "32"]
+              "--batch-size", "32", "--no-compile"]
 
 
 def tiny_args(script=deflow_offline, **overrides):
@@ -39,20 +39,25 @@ def random_batch(batch_size=32, obs_dim=3, action_dim=2, seed=0):
     }
 
 
-def assert_compiled_step_equals_eager(train_step, make_agent, data: dict, tolerance: float):
-    """A few steps of torch.compile(train_step) against eager from the same state and seed: same losses, same
-    parameters. Inductor draws its random numbers like eager only with fallback_random, which this sets.
-    `make_agent()` returns a fresh (agent, args); returns the eager run's final state."""
-    import torch._inductor.config
+def losses_of(agent, batch, args, script=deflow_offline, with_mse=False):
+    """script.deflow_losses on `batch` with fresh draws from the global torch stream."""
+    noise = script.update_noise(*batch["actions"].shape, batch["actions"].device, with_mse)
+    return script.deflow_losses(agent, batch, noise, args)
 
+
+def assert_compiled_update_equals_eager(script, make_agent, data: dict, tolerance: float, compiled=None):
+    """A few training steps with `compiled` (default: torch.compile(script.deflow_losses)) against the eager losses,
+    from the same state and seed: the same losses, the same parameters. The batches and the noise are drawn outside
+    the compiled losses, so both runs see the same random numbers. `make_agent()` returns a fresh (agent, args);
+    returns the final states."""
     results = []
-    with torch._inductor.config.patch(fallback_random=True):
-        for step_fn in (train_step, torch.compile(train_step)):
-            agent, args = make_agent()
-            optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
-            torch.manual_seed(7)
-            metrics = [step_fn(agent, optimizer, data, args, with_mse=step == 2) for step in range(3)]
-            results.append((metrics, agent.state_dict()))
+    for losses in (script.deflow_losses, compiled or torch.compile(script.deflow_losses)):
+        agent, args = make_agent()
+        optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, fused=True)
+        torch.manual_seed(7)
+        metrics = [script.train_step(agent, optimizer, data, args, with_mse=step == 2, losses=losses)
+                   for step in range(3)]
+        results.append((metrics, agent.state_dict()))
     (eager_metrics, eager_state), (compiled_metrics, compiled_state) = results
     for eager, compiled in zip(eager_metrics, compiled_metrics):
         assert eager.keys() == compiled.keys()
@@ -60,7 +65,7 @@ def assert_compiled_step_equals_eager(train_step, make_agent, data: dict, tolera
             torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=tolerance, msg=name)
     for name, value in eager_state.items():
         torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=tolerance, msg=name)
-    return eager_state
+    return eager_state, compiled_state
 
 
 def run_script(*flags, check=True, timeout=300, script="deflow_offline.py"):

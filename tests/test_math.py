@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from deflow_offline import (Critic, VectorField, deflow_losses, flow_actions, flow_matching_loss, mlp,
-                            sample_actions, update)
-from tests.conftest import random_batch, tiny_agent
+import torch.nn.functional as F
+
+from deflow_offline import (GELU, Critic, VectorField, deflow_losses, flow_actions, flow_matching_loss, mlp,
+                            sample_actions, update, update_noise)
+from tests.conftest import losses_of, random_batch, tiny_agent
 
 
 class Recorder(nn.Module):
@@ -37,17 +39,34 @@ def test_flow_matching_interpolates_and_targets_velocity():
     assert flow_matching_loss(exact, obs, actions, x_0, t).item() == 0.0
 
 
-def test_euler_sampler_time_grid_shapes_and_final_clip():
-    obs, noise = torch.randn(7, 3), torch.zeros(7, 2)
-    # +3 on the first half, -3 on the second: an intermediate clip would end at -1, the final-only clip returns 0.
-    flow = Recorder(lambda x, t: torch.where(t < 0.5, 3.0, -3.0).expand_as(x))
-    out = flow_actions(flow, obs, noise, flow_steps=10)
-    assert out.shape == (7, 2)
-    assert [round(c[2][0].item(), 6) for c in flow.calls] == [i / 10 for i in range(10)]
-    assert all(c[2].shape == (7, 1) for c in flow.calls)
-    torch.testing.assert_close(out, torch.zeros(7, 2), atol=1e-6, rtol=0)
-    big = flow_actions(Recorder(lambda x, t: torch.full_like(x, 50.0)), obs, noise, flow_steps=4)
-    assert torch.all(big == 1.0)
+def euler_reference(flow, obs, noise, flow_steps):
+    """The sampler as the paper writes it: x_{i+1} = x_i + mu(s, x_i, i/K) / K, one full call per step, clip at the end."""
+    x = noise
+    for i in range(flow_steps):
+        x = x + flow(obs, x, torch.full((*obs.shape[:-1], 1), i / flow_steps)) / flow_steps
+    return x.clamp(-1, 1)
+
+
+def test_euler_sampler_equals_the_plain_loop_with_time_grid_and_final_clip():
+    """flow_actions computes the observation's part of the first layer once; it must equal K full calls of mu, with
+    t = i/K, and clip only at the end (a strong time input and big outputs make either mistake visible)."""
+    torch.manual_seed(0)
+    flow = VectorField(3, 2, (16, 16), False, use_time=True)
+    with torch.no_grad():
+        flow.net[0].weight[:, -1] *= 20  # the velocity depends strongly on t
+        flow.net[-1].weight *= 8  # and overshoots [-1, 1] on the way
+    obs, noise = torch.randn(64, 3), torch.randn(64, 2)
+    with torch.no_grad():
+        fast, reference = flow_actions(flow, obs, noise, 10), euler_reference(flow, obs, noise, 10)
+        shifted_time = euler_reference(lambda o, x, t: flow(o, x, t + 0.1), obs, noise, 10)
+        x, clipped_each_step = noise, noise
+        for i in range(10):
+            clipped_each_step = (clipped_each_step + flow(obs, clipped_each_step, torch.full((64, 1), i / 10)) / 10)
+            clipped_each_step = clipped_each_step.clamp(-1, 1)
+    assert fast.shape == (64, 2) and fast.abs().max() <= 1
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
+    assert (fast - shifted_time).abs().max() > 1e-2 and (fast - clipped_each_step).abs().max() > 1e-2
+    assert torch.equal(flow_actions(flow, obs[:1], torch.full((1, 2), 50.0), 4), torch.ones(1, 2))
 
 
 def test_policy_adds_refinement_and_clips():
@@ -62,14 +81,49 @@ def test_networks_follow_flax_conventions():
     net = mlp(4, (8, 8), 1, layer_norm=True)
     kinds = [type(m).__name__ for m in net]
     assert kinds == ["Linear", "GELU", "LayerNorm", "Linear", "GELU", "LayerNorm", "Linear"]
-    assert net[1].approximate == "tanh" and net[2].eps == 1e-6
+    assert net[2].eps == 1e-6
     assert all(torch.all(m.bias == 0) for m in net if isinstance(m, nn.Linear))
     bound = (6 / (4 + 8)) ** 0.5
     assert net[0].weight.abs().max() <= bound and net[0].weight.abs().max() > 0.8 * bound
-    critic = Critic(3, 2, (16,), True)
-    assert critic(torch.randn(5, 3), torch.randn(5, 2)).shape == (2, 5)
-    assert not torch.equal(critic.members[0][0].weight, critic.members[1][0].weight)
     assert VectorField(3, 2, (16,), False, use_time=False)(torch.randn(5, 3), torch.randn(5, 2)).shape == (5, 2)
+
+
+def test_gelu_is_the_tanh_approximation_eager_and_compiled(monkeypatch):
+    x = torch.linspace(-8, 8, 4001)
+    torch.testing.assert_close(GELU()(x), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the form torch.compile traces: x sigmoid(2u)
+    compiled_form = GELU()(x)
+    torch.testing.assert_close(compiled_form, F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
+    assert (compiled_form - F.gelu(x)).abs().max() > 1e-4  # and not the exact (erf) GELU
+
+
+def test_critic_ensemble_is_two_independent_flax_mlps():
+    """The batched critic computes what two separate mlp()s with its members' weights compute."""
+    torch.manual_seed(0)
+    critic = Critic(3, 2, (16, 16), layer_norm=True)
+    kinds = [type(m).__name__ for m in critic.net]
+    assert kinds == ["EnsembleLinear", "GELU", "EnsembleLayerNorm"] * 2 + ["EnsembleLinear"]
+    first = critic.net[0].weight  # (members, in, out)
+    assert first.shape == (2, 5, 16) and not torch.equal(first[0], first[1])
+    bound = (6 / (5 + 16)) ** 0.5
+    assert all(bound >= first[i].abs().max() > 0.8 * bound for i in range(2))
+    assert all(torch.all(layer.bias == 0) for layer in critic.net if type(layer).__name__ == "EnsembleLinear")
+    with torch.no_grad():  # give the LayerNorms of the two members different scales and shifts
+        for layer in critic.net:
+            if type(layer).__name__ == "EnsembleLayerNorm":
+                layer.weight.normal_(1, 0.3), layer.bias.normal_(0, 0.3)
+    obs, actions = torch.randn(7, 3), torch.randn(7, 2)
+    expected = []
+    for i in range(2):
+        member = mlp(5, (16, 16), 1, layer_norm=True)
+        with torch.no_grad():
+            for separate, batched in zip(member, critic.net):
+                if isinstance(separate, nn.Linear):
+                    separate.weight.copy_(batched.weight[i].T), separate.bias.copy_(batched.bias[i, 0])
+                elif isinstance(separate, nn.LayerNorm):
+                    separate.weight.copy_(batched.weight[i, 0]), separate.bias.copy_(batched.bias[i, 0])
+        expected.append(member(torch.cat([obs, actions], -1)).squeeze(-1))
+    torch.testing.assert_close(critic(obs, actions), torch.stack(expected), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("delta, direction", [(1e-6, +1), (10.0, -1)])
@@ -98,7 +152,7 @@ def test_gradient_routing():
     agent, args = tiny_agent()
     groups = {"critic": list(agent.critic.parameters()), "flow": list(agent.flow.parameters()),
               "refine": list(agent.refine.parameters()), "log_alpha": [agent.log_alpha]}
-    total, m = deflow_losses(agent, random_batch(), args)
+    total, m = losses_of(agent, random_batch(), args)
     alpha = m["actor/alpha_value"]
     receives = {
         "critic/critic_loss": {"critic"},
@@ -138,18 +192,16 @@ def test_td_target_uses_masks_and_q_agg():
     agent, args = tiny_agent(discount=0.5)
     batch = random_batch()
     batch["masks"] = torch.zeros(32)  # no bootstrapping: the critic regresses onto the reward alone
-    _, m = deflow_losses(agent, batch, args)
+    _, m = losses_of(agent, batch, args)
     qs = agent.critic(batch["observations"], batch["actions"])
     torch.testing.assert_close(m["critic/critic_loss"], (qs - batch["rewards"]).square().mean())
     for q_agg in ("mean", "min"):
         torch.manual_seed(1)
         agent_q, args_q = tiny_agent(q_agg=q_agg, discount=0.5)
         batch["masks"] = torch.ones(32)
-        torch.manual_seed(2)
-        _, m = deflow_losses(agent_q, batch, args_q)
-        torch.manual_seed(2)
-        next_noise = torch.randn(3, 32, 2)[0]  # the update draws its noise for 3 uses in one call, TD first
-        next_actions = sample_actions(agent_q, batch["next_observations"], next_noise, args_q.flow_steps)
+        noise = update_noise(32, 2, torch.device("cpu"))
+        _, m = deflow_losses(agent_q, batch, noise, args_q)
+        next_actions = sample_actions(agent_q, batch["next_observations"], noise["next_actions"], args_q.flow_steps)
         next_qs = agent_q.target_critic(batch["next_observations"], next_actions)
         next_q = next_qs.min(0).values if q_agg == "min" else next_qs.mean(0)
         target = batch["rewards"] + 0.5 * next_q
@@ -157,9 +209,21 @@ def test_td_target_uses_masks_and_q_agg():
         torch.testing.assert_close(m["critic/critic_loss"], (qs - target).square().mean())
 
 
+def test_one_rollout_over_2b_rows_gives_the_base_actions_of_their_own_rollout():
+    """The TD target's half of the merged rollout is checked above; this is the other half: the refinement acts on the
+    flow's action from noise["base_actions"] at s."""
+    agent, args = tiny_agent()
+    batch, noise = random_batch(), update_noise(32, 2, torch.device("cpu"))
+    _, m = deflow_losses(agent, batch, noise, args)
+    with torch.no_grad():
+        base_actions = flow_actions(agent.flow, batch["observations"], noise["base_actions"], args.flow_steps)
+        distill_loss = agent.refine(batch["observations"], base_actions).square().mean()
+    torch.testing.assert_close(m["actor/distill_loss"], distill_loss, rtol=1e-5, atol=1e-8)
+
+
 def test_fixed_alpha_path_uses_alpha_not_alpha_squared():
     agent, args = tiny_agent(use_lagrange=False, alpha=3.0)
-    total, m = deflow_losses(agent, random_batch(), args)
+    total, m = losses_of(agent, random_batch(), args)
     assert m["actor/alpha_value"].item() == 3.0 and m["actor/alpha_loss"].item() == 0.0
     expected = m["actor/bc_flow_loss"] + 3.0 * m["actor/distill_loss"] + m["actor/q_loss"]
     torch.testing.assert_close(m["actor/actor_loss"], expected)
@@ -168,11 +232,10 @@ def test_fixed_alpha_path_uses_alpha_not_alpha_squared():
 def test_normalized_q_loss_divides_by_mean_abs_q():
     agent, args = tiny_agent()
     with torch.no_grad():
-        for member in agent.critic.members:
-            member[-1].bias.fill_(-50.0)  # every Q far below zero, so mean|q| = -mean(q)
-    _, m = deflow_losses(agent, random_batch(), args)
+        agent.critic.net[-1].bias.fill_(-50.0)  # every Q far below zero, so mean|q| = -mean(q)
+    _, m = losses_of(agent, random_batch(), args)
     assert m["actor/q"].item() < 0
     torch.testing.assert_close(m["actor/q_loss"], torch.tensor(1.0))  # -mean(q) / mean|q|
     raw_args = dataclasses.replace(args, normalize_q_loss=False)
-    _, m_raw = deflow_losses(agent, random_batch(), raw_args)
+    _, m_raw = losses_of(agent, random_batch(), raw_args)
     torch.testing.assert_close(m_raw["actor/q_loss"], -m_raw["actor/q"])

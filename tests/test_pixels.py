@@ -12,13 +12,13 @@ import torch.nn.functional as F
 import common.datasets
 import deflow_pixels as dp
 from common.datasets import DatasetError, load_visual_datasets
-from tests.conftest import assert_compiled_step_equals_eager, run_script
+from tests.conftest import assert_compiled_update_equals_eager, losses_of, run_script
 
 ENV = "visual-cube-single-play-singletask-task1-v0"
 TINY = dict(actor_hidden_dims=(16,), refine_hidden_dims=(16,), value_hidden_dims=(16,), encoder_stack_sizes=(4, 4, 4),
             encoder_head_dims=(16,), batch_size=8)
 TINY_FLAGS = ["--actor-hidden-dims", "16", "--refine-hidden-dims", "16", "--value-hidden-dims", "16",
-              "--encoder-stack-sizes", "4", "4", "4", "--encoder-head-dims", "16", "--batch-size", "8"]
+              "--encoder-stack-sizes", "4", "4", "4", "--encoder-head-dims", "16", "--batch-size", "8", "--no-compile"]
 
 
 def run_pixels(*flags, **kwargs):
@@ -144,7 +144,7 @@ def pixel_batch(batch=8, seed=0):
 
 def test_gradient_routing_reaches_each_encoder_from_its_own_loss_only():
     agent, args = tiny_agent()
-    _, metrics = dp.deflow_losses(agent, pixel_batch(), args)
+    _, metrics = losses_of(agent, pixel_batch(), args, script=dp)
     terms = {"critic": metrics["critic/critic_loss"], "bc": metrics["actor/bc_flow_loss"],
              "refine": metrics["actor/actor_loss"] - metrics["actor/bc_flow_loss"] - metrics["actor/alpha_loss"]}
     owners = {"critic": agent.critic.encoder, "bc": agent.flow.encoder, "refine": agent.refine.encoder}
@@ -154,6 +154,24 @@ def test_gradient_routing_reaches_each_encoder_from_its_own_loss_only():
             reached = any(g is not None and g.abs().sum() > 0 for g in grads)
             assert reached == (term == owner), (term, owner)
     assert not any(p.requires_grad for p in agent.target_critic.parameters())
+
+
+def test_one_rollout_of_both_feature_sets_equals_the_two_rollouts():
+    """The update's merged rollout (s' features and s features, 2B rows) gives the TD target and the base actions of
+    two separate rollouts."""
+    agent, args = tiny_agent(discount=0.5)
+    batch, noise = pixel_batch(), dp.update_noise(8, 5, torch.device("cpu"))
+    _, metrics = dp.deflow_losses(agent, batch, noise, args)
+    with torch.no_grad():
+        obs, next_obs = batch["observations"], batch["next_observations"]
+        next_actions = dp.sample_actions(agent, next_obs, noise["next_actions"], args.flow_steps)
+        next_q = agent.target_critic(agent.target_critic.encoder(next_obs), next_actions).mean(0)
+        qs = agent.critic(agent.critic.encoder(obs), batch["actions"])
+        critic_loss = (qs - (batch["rewards"] + 0.5 * next_q)).square().mean()
+        base_actions = dp.flow_actions(agent.flow, agent.flow.encoder(obs), noise["base_actions"], args.flow_steps)
+        distill_loss = agent.refine(agent.refine.encoder(obs), base_actions).square().mean()
+    torch.testing.assert_close(metrics["critic/critic_loss"], critic_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["actor/distill_loss"], distill_loss, rtol=1e-5, atol=1e-7)
 
 
 def test_update_moves_the_target_encoder_by_ema_only():
@@ -188,7 +206,7 @@ def test_compiled_training_step_equals_eager():
     frames = torch.randint(0, 256, (40, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     data = {"frames": frames, "starts": frame_data((20, 20))[1], "valid": torch.tensor([*range(19), *range(20, 39)]),
             "actions": torch.rand(40, 5) * 2 - 1, "rewards": -torch.rand(40), "masks": torch.ones(40)}
-    assert_compiled_step_equals_eager(dp.train_step, lambda: tiny_agent(flow_steps=3), data, tolerance=1e-4)
+    assert_compiled_update_equals_eager(dp, lambda: tiny_agent(flow_steps=3), data, tolerance=1e-4)
 
 
 def test_visual_dataset_on_the_device(visual_dataset):

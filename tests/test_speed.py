@@ -1,23 +1,72 @@
 """The fast paths change no math: --compile's training step, and evaluation with environments side by side."""
 
 import numpy as np
+import pytest
 import torch
 
 import deflow_offline
 from common.envs import EnvPool
 from deflow_offline import evaluate, train_step
-from tests.conftest import (TINY_FLAGS, assert_compiled_step_equals_eager, random_batch, run_script,
+from tests.conftest import (TINY_FLAGS, assert_compiled_update_equals_eager, random_batch, run_script,
                             tiny_agent)
 
 ENV = "cube-single-play-singletask-task1-v0"
 
 
-def test_compiled_training_step_equals_eager():
-    """A few steps of torch.compile(train_step) against eager from the same state and seed (fewer Euler steps: the
-    same graph, compiled sooner)."""
-    data = {k: torch.cat([v, v + 0.5]) for k, v in random_batch(batch_size=64).items()}
-    state = assert_compiled_step_equals_eager(train_step, lambda: tiny_agent(flow_steps=3), data, tolerance=1e-5)
-    assert not torch.equal(state["refine.net.0.weight"], tiny_agent(flow_steps=3)[0].refine.net[0].weight)
+def compile_agent():
+    """A tiny agent of cube-single's shapes, as in test_compile_flag_end_to_end, with 2 flow steps: compiled sooner."""
+    return tiny_agent(obs_dim=28, action_dim=5, flow_steps=2)
+
+
+@pytest.fixture(scope="module")
+def compiled_losses():
+    """torch.compile(deflow_losses) as the scripts make it, shared by the tests below (compiling is most of their
+    time); they use the same shapes, so it compiles once (twice: with and without the `mse` draw)."""
+    return torch.compile(deflow_offline.deflow_losses)
+
+
+def random_data(n=1024):
+    return {k: v for k, v in random_batch(batch_size=n, obs_dim=28, action_dim=5).items()}
+
+
+def test_compiled_training_step_equals_eager(compiled_losses):
+    """A few steps with the compiled losses against eager from the same state and seed."""
+    eager_state, _ = assert_compiled_update_equals_eager(deflow_offline, compile_agent, random_data(), 1e-5,
+                                                         compiled_losses)
+    assert not torch.equal(eager_state["refine.net.0.weight"], compile_agent()[0].refine.net[0].weight)
+
+
+def test_compiled_training_draws_fresh_independent_noise(compiled_losses, monkeypatch):
+    """The real compiled step's randomness: every step draws new noise for its three uses (the TD target's actions, the
+    flow-matching x_0, the base actions) and a new t, mutually uncorrelated, N(0, 1) and U[0, 1). The draws are inputs
+    of the compiled losses, which use them (other draws, other losses) and draw nothing themselves (same draws, same
+    losses). Thresholds are about 4 standard errors of 16 steps of 32 x 5 draws per use."""
+    agent, args = compile_agent()
+    data = random_data()
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    draws, real_update_noise = [], deflow_offline.update_noise
+    monkeypatch.setattr(deflow_offline, "update_noise", lambda *a, **k: draws.append(real_update_noise(*a, **k)) or
+                        draws[-1])
+    for _ in range(16):
+        train_step(agent, optimizer, data, args, losses=compiled_losses)
+    assert len(draws) == 16
+    uses = {name: torch.stack([d[name] for d in draws]) for name in ("next_actions", "x_0", "base_actions")}
+    for name, x in uses.items():  # (16 steps, 32, 5)
+        assert abs(x.mean()) < 0.08 and abs(x.var() - 1) < 0.12, name
+        assert abs(torch.corrcoef(x.flatten(1)).fill_diagonal_(0)).max() < 0.4, f"{name} repeats across steps"
+    flat = torch.stack([x.flatten() for x in uses.values()])
+    assert abs(torch.corrcoef(flat).fill_diagonal_(0)).max() < 0.08, "the three uses are correlated"
+    t = torch.stack([d["t"] for d in draws]).flatten()  # 512 draws
+    assert t.min() >= 0 and t.max() < 1 and abs(t.mean() - 0.5) < 0.05 and abs(t.var() - 1 / 12) < 0.02
+    assert abs(torch.corrcoef(torch.stack([t, uses["x_0"][..., 0].flatten()]))[0, 1]) < 0.2
+
+    batch = deflow_offline.sample_batch(data, args.batch_size)
+    with torch.no_grad():
+        first, again = (compiled_losses(agent, batch, draws[0], args)[1] for _ in range(2))
+        other = compiled_losses(agent, batch, draws[1], args)[1]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert first["actor/bc_flow_loss"] != other["actor/bc_flow_loss"]
+    assert first["critic/critic_loss"] != other["critic/critic_loss"]
 
 
 def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
@@ -58,7 +107,7 @@ def test_compile_flag_end_to_end(tmp_path, cube_dataset):
     """deflow_o2o.py --compile through both phases (compiled update and evaluation policy), as a user runs it."""
     result = run_script("--env-name", ENV, "--dataset-path", cube_dataset, "--run-dir", tmp_path, "--offline-steps", 3,
                         "--online-steps", 3, "--log-interval", 3, "--eval-interval", 3, "--eval-episodes", 2,
-                        "--flow-steps", 2, "--compile", *TINY_FLAGS, script="deflow_o2o.py", timeout=600)
+                        "--flow-steps", 2, *TINY_FLAGS, "--compile", script="deflow_o2o.py", timeout=600)
     assert "--compile: the first update" in result.stdout
     run_dir = next(tmp_path.glob("*__deflow_o2o__*"))
     train = (run_dir / "train.csv").read_text().splitlines()
