@@ -178,8 +178,8 @@ class Args:
 
     # --- speed (changes no math) ---
     compile: bool = True
-    """torch.compile the losses (forward and backward) and the evaluation policy; on CUDA also replay the losses as
-    CUDA graphs. The first update compiles for a minute or so; --no-compile runs the eager reference code"""
+    """torch.compile the losses (forward and backward); on CUDA also replay them as CUDA graphs. The first update
+    compiles for a minute or so; --no-compile runs the eager reference code"""
     precision: Literal["float32", "bf16-rollouts", "bf16"] = "float32"
     """matmul precision: float32 (official); bf16-rollouts: the matmuls of the no-gradient flow rollouts (TD target,
     base actions, evaluation) in bfloat16; bf16: every matmul in bfloat16 (autocast; weights, Adam and the losses
@@ -445,7 +445,7 @@ def deflow_losses(agent: DeFlowAgent, batch: dict[str, torch.Tensor], noise: dic
         "actor/alpha_value": alpha.detach().squeeze(),
     }
     if "mse" in noise:  # a third rollout, on logging steps only
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args, obs.device, rollout=True):
             metrics["actor/mse"] = (sample_actions(agent, obs, noise["mse"], args.flow_steps) - actions).square().mean()
     return critic_loss + actor_loss, metrics
 
@@ -686,13 +686,12 @@ if __name__ == "__main__":
 
     # --compile: the losses (forward and backward) as fused kernels, the same math. On CUDA "reduce-overhead" also
     # records them as CUDA graphs and replays them. The batch and the noise are drawn outside, eagerly, on the device.
-    losses_fn, policy_fn = deflow_losses, eval_actions
+    losses_fn = deflow_losses
     if args.compile:
         check_compiler(device)
         losses_fn = torch.compile(deflow_losses, mode="reduce-overhead" if device.type == "cuda" else None)
-        policy_fn = torch.compile(eval_actions, dynamic=True)  # evaluation batches shrink as episodes end
-        print("--compile: the first update, the first logging step and the first evaluation compile first (up to a "
-              "minute each; --no-compile skips this)")
+        print("--compile: the first update and the first logging step compile first (up to a minute each; "
+              "--no-compile skips this)")
 
     # Non-finite losses are recorded on the device (first bad step per term) and read at log intervals only.
     first_bad_step = None
@@ -722,7 +721,7 @@ if __name__ == "__main__":
                          f"after step {s}; the last checkpoint in {run_dir} (if any) is intact. "
                          f"Check the dataset for NaNs or lower --lr.")
         if is_log_step:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(args, device, rollout=False):
                 val_batch = sample_batch(val_data, args.batch_size)
                 val_noise = update_noise(args.batch_size, action_dim, device, with_mse=True)
                 _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
@@ -741,8 +740,8 @@ if __name__ == "__main__":
                        f"alpha {row['training/actor/alpha_value']:.3f}  q {row['training/actor/q']:.3f}  "
                        f"mse {row['training/actor/mse']:.4f}")
         if args.eval_interval > 0 and (step == 1 or step % args.eval_interval == 0 or step == args.offline_steps):
-            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, policy_fn,
-                                            args.video_episodes if args.capture_video else 0)
+            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed,
+                                            video_episodes=args.video_episodes if args.capture_video else 0)
             log("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             for episode, frames in videos.items():
                 (run_dir / "videos").mkdir(exist_ok=True)

@@ -7,6 +7,7 @@ spare (environment i lives in worker i % workers). Results do not depend on `wor
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 
 import numpy as np
@@ -28,8 +29,19 @@ def _handle(envs: list, command: str, payload: dict) -> dict:
     return {i: envs[i].render() for i in payload}  # "render"
 
 
+def _make_envs(env_name: str, count: int, max_episode_steps: int | None) -> list:
+    envs = []
+    for _ in range(count):
+        envs.append(make_env(env_name, max_episode_steps))
+        try:  # MuJoCo's model compilation frees its scratch memory, which glibc keeps (~20 MB per environment) unless
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # given back like this
+        except (OSError, AttributeError):  # no glibc: nothing to give back this way
+            pass
+    return envs
+
+
 def _worker(env_name: str, count: int, max_episode_steps: int | None, connection) -> None:
-    envs = [make_env(env_name, max_episode_steps) for _ in range(count)]
+    envs = _make_envs(env_name, count, max_episode_steps)
     connection.send("ready")
     while (message := connection.recv())[0] != "close":
         connection.send(_handle(envs, *message))
@@ -52,7 +64,7 @@ class EnvPool:
         self.num_envs, self.workers, self.connections = num_envs, min(workers, num_envs), []
         if self.workers == 0:
             before = resident_gb()
-            self.envs = [make_env(env_name, max_episode_steps) for _ in range(num_envs)]
+            self.envs = _make_envs(env_name, num_envs, max_episode_steps)
             self.memory_gb = resident_gb() - before
             return
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: safe next to torch's threads
@@ -69,8 +81,10 @@ class EnvPool:
         self.memory_gb = sum(resident_gb(process.pid) for process in processes)
 
     def describe(self) -> str:
-        where = f"in {self.workers} worker processes" if self.workers else "in this process"
-        return f"{self.num_envs} evaluation environments side by side {where} ({self.memory_gb:.1f} GB resident)"
+        where = "in this process"
+        if self.workers:
+            where = f"in {self.workers} worker process{'es' if self.workers > 1 else ''}"
+        return f"{self.num_envs} evaluation environments side by side {where} ({self.memory_gb:.2f} GB resident)"
 
     def _call(self, command: str, payload: dict) -> dict:
         """Run `command` on the environments in `payload` ({env index: value}): here, or each worker its part."""

@@ -2,8 +2,9 @@
 
 The DeFlow authors chose the target divergence delta by hand from "the average variance of actions among k-nearest
 neighbors (k = 5) for each state, normalized by the action dimension", with c = 0.1 for manipulation (cube, scene:
-IAV ~ 0.01 gives delta = 0.001) and c = 1.0 for navigation. Their code has no implementation; this one follows
-../shared/SPEC.md section 8:
+IAV ~ 0.01 gives delta = 0.001) and c = 1.0 for navigation. Their code has no implementation; this one reads the
+sentence as follows (the query itself excluded, raw observations, population variance: choices the sentence leaves
+open):
 
     v_i = (1 / A) * sum_j Var_{n in kNN(i)} actions[n, j]     (population variance, ddof 0)
     IAV = mean of v_i over the query states

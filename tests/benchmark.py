@@ -14,8 +14,8 @@ It measures, in one run, and writes the tables to --out (README "Speed" shows th
   - GFLOP/s achieved: the matmul FLOPs of one update (forward and backward, counted by torch.utils.flop_counter on
     the eager update) times updates/s.
   - Evaluation: seconds and resident memory of --eval-episodes episodes on a real environment with an untrained 4x512
-    agent (so every episode runs to its time limit): the default number of environments side by side (eager and
-    compiled policy) and 50 side by side (the old default).
+    agent (so every episode runs to its time limit): the default number of environments side by side (with the
+    scripts' eager policy, and compiled) and 50 side by side (the old default; with --baseline, that checkout's too).
   - The peak resident memory of the benchmark process.
 """
 
@@ -54,6 +54,8 @@ class Args:
     """about how long one block of updates takes"""
     eval_episodes: int = 50
     """evaluation episodes per evaluation row (0: no evaluation rows)"""
+    eval_rounds: int = 3
+    """times each evaluation row runs (in turns)"""
     env_name: str = "cube-single-play-singletask-task1-v0"
     """OGBench environment of the evaluation rows"""
     out: str = "runs/benchmark-{device}.md"
@@ -159,31 +161,42 @@ def training_rows(args: Args, device: torch.device, baseline) -> tuple[list[str]
     return [name for name, *_ in variants], speed_rows, flop_rows
 
 
-def evaluation_rows(args: Args, device: torch.device) -> list[list[str]]:
-    hidden = (512,) * 4
-    agent_args = dataclasses.replace(deflow_offline.Args(), actor_hidden_dims=hidden, refine_hidden_dims=hidden,
-                                     value_hidden_dims=hidden)
-    torch.manual_seed(0)
-    agent = deflow_offline.DeFlowAgent(OBS_DIM, ACTION_DIM, agent_args).to(device)
+def evaluation_rows(args: Args, device: torch.device, baseline) -> list[list[str]]:
+    """Each layout's pool is made once (its memory measured then); the rows take turns, --eval-rounds times."""
     default_envs = deflow_offline.Args().eval_envs
     EnvPool(args.env_name, 1).close()  # imports MuJoCo and OGBench first, as the scripts' data loading does
-    rows = []
-    for num_envs, compiled in ((default_envs, False), (default_envs, True), (50, False)):
-        envs = EnvPool(args.env_name, num_envs)
-        policy = deflow_offline.eval_actions
+    pools = {num_envs: EnvPool(args.env_name, num_envs) for num_envs in (default_envs, 50)}
+    rows = [(default_envs, deflow_offline, False), (default_envs, deflow_offline, True), (50, deflow_offline, False)]
+    if baseline is not None:
+        rows.append((50, baseline, False))
+    runs = []
+    for num_envs, script, compiled in rows:
+        hidden = (512,) * 4
+        agent_args = dataclasses.replace(script.Args(), actor_hidden_dims=hidden, refine_hidden_dims=hidden,
+                                         value_hidden_dims=hidden)
+        torch.manual_seed(0)
+        agent = script.DeFlowAgent(OBS_DIM, ACTION_DIM, agent_args).to(device)
+        policy = torch.compile(script.eval_actions, dynamic=True) if compiled else script.eval_actions
         if compiled:
-            policy = torch.compile(deflow_offline.eval_actions, dynamic=True)
-            deflow_offline.evaluate(agent, envs, 2, agent_args, seed=10_000, policy=policy)  # compiles
-        start = time.perf_counter()
-        result = deflow_offline.evaluate(agent, envs, args.eval_episodes, agent_args, seed=0, policy=policy)[0]
-        seconds = time.perf_counter() - start
+            script.evaluate(agent, pools[num_envs], 2 * num_envs, agent_args, seed=10_000, policy=policy)  # compiles
+        runs.append((script, agent, agent_args, policy, []))
+    for _ in range(args.eval_rounds):
+        for (num_envs, *_), (script, agent, agent_args, policy, seconds) in zip(rows, runs):
+            start = time.perf_counter()
+            result = script.evaluate(agent, pools[num_envs], args.eval_episodes, agent_args, seed=0, policy=policy)[0]
+            seconds.append(time.perf_counter() - start)
+            assert result["episode.length"] == 200  # untrained: every episode runs to the time limit
+    out = []
+    for (num_envs, script, compiled), (*_, seconds) in zip(rows, runs):
+        code = "baseline" if script is baseline else "this code"
         layout = f"{num_envs} side by side" + (" (default)" if num_envs == default_envs else "")
-        rows.append([layout, "compiled" if compiled else "eager", f"{seconds:.1f}", f"{envs.memory_gb:.2f}",
-                     f"{result['episode.length']:.0f}"])
-        print("  " + " | ".join(rows[-1]), flush=True)
-        envs.close()
-        del envs
-    return rows
+        out.append([layout, f"{code}, {'compiled' if compiled else 'eager'}",
+                    f"{statistics.median(seconds):.1f} ({', '.join(f'{x:.1f}' for x in seconds)})",
+                    f"{pools[num_envs].memory_gb:.2f}"])
+        print("  " + " | ".join(out[-1]), flush=True)
+    for pool in pools.values():
+        pool.close()
+    return out
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -206,10 +219,11 @@ if __name__ == "__main__":
     lines += table(["networks", *names], speed_rows)
     lines += ["", "Training, matmul GFLOP/s achieved:", ""] + table(["networks", *names], flop_rows)
     if args.eval_episodes > 0:
-        eval_rows = evaluation_rows(args, device)
-        lines += ["", f"Evaluation of {args.eval_episodes} episodes on {args.env_name}, untrained 4x512 agent:", ""]
-        lines += table(["environments", "policy", "seconds", "environments' resident memory (GB)", "mean length"],
-                       eval_rows)
+        eval_rows = evaluation_rows(args, device, baseline)
+        lines += ["", f"Evaluation of {args.eval_episodes} episodes on {args.env_name} with an untrained 4x512 agent "
+                  f"(every episode runs its 200 steps); seconds: the median of {args.eval_rounds} runs taken in turns "
+                  f"(each run):", ""]
+        lines += table(["environments", "policy", "seconds", "environments' resident memory (GB)"], eval_rows)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     lines += ["", f"Peak resident memory of the benchmark process: {training_peak_gb:.1f} GB after the training rows, "
               f"{peak_gb:.1f} GB in all"]

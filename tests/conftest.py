@@ -1,6 +1,7 @@
 """Shared fixtures: tiny networks, and a tiny real OGBench dataset made with the ogbench oracles."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ import deflow_offline
 from common.generate import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n N: N test processes share the cores, one thread each (with the
+    os.environ["OMP_NUM_THREADS"] = "1"  # scripts they start), or their OpenMP threads would wait on each other
+    torch.set_num_threads(1)
 TINY_NETS = dict(actor_hidden_dims=(32, 32), refine_hidden_dims=(32, 32), value_hidden_dims=(32, 32))
 TINY_FLAGS = ["--actor-hidden-dims", "32", "32", "--refine-hidden-dims", "32", "32", "--value-hidden-dims", "32", "32",
               "--batch-size", "32", "--no-compile"]

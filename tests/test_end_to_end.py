@@ -48,6 +48,7 @@ def test_run_writes_logs_evaluation_and_checkpoint(runs):
     assert (run_dir / "checkpoint.pt").exists()
     assert json.loads((run_dir / "args.json").read_text())["offline_steps"] == 40
     assert "evaluation/success" in runs["A"].stdout and "critic_loss" in runs["A"].stdout
+    assert "2 evaluation environments side by side in this process (" in runs["A"].stdout
 
 
 def test_same_seed_same_numbers(runs):

@@ -8,9 +8,10 @@ Measured over seeds 0-2 at 2000 updates: DeFlow 68-86% at the best band, BC flow
 nearest dataset action < 0.015.
 """
 
+import pytest
 import torch
 
-from deflow_offline import DeFlowAgent, flow_actions, sample_actions, sample_batch, update
+from deflow_offline import DeFlowAgent, autocast, flow_actions, sample_actions, sample_batch, update
 from tests.conftest import tiny_args
 
 MODES_X, BEST_X = torch.tensor([-0.3, 0.0, 0.3]), 0.3
@@ -25,18 +26,20 @@ def bandit_dataset(n=4096, seed=0):
             "rewards": -4 * (x - BEST_X).square(), "masks": torch.zeros(n)}  # masks 0: one step, no bootstrapping
 
 
-def test_deflow_picks_the_best_mode_and_stays_on_the_data():
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_deflow_picks_the_best_mode_and_stays_on_the_data(precision):
+    """With every matmul in bfloat16 (--precision bf16) too: it must learn as well."""
     torch.manual_seed(0)
     data = bandit_dataset()
     # delta admits the jump between modes (batch-mean squared move ~0.075 per action dimension), little more.
     args = tiny_args(actor_hidden_dims=(64, 64), refine_hidden_dims=(64, 64), value_hidden_dims=(64, 64),
-                     batch_size=256, target_divergence=0.1, lr=3e-3)
+                     batch_size=256, target_divergence=0.1, lr=3e-3, precision=precision)
     agent = DeFlowAgent(2, 2, args)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
     for _ in range(2000):
         update(agent, optimizer, sample_batch(data, args.batch_size), args)
 
-    with torch.no_grad():
+    with torch.no_grad(), autocast(args, torch.device("cpu"), rollout=True):  # as evaluation samples
         obs = torch.zeros(2000, 2)
         base = flow_actions(agent.flow, obs, torch.randn(2000, 2), args.flow_steps)
         policy = sample_actions(agent, obs, torch.randn(2000, 2), args.flow_steps)

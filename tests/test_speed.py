@@ -87,6 +87,8 @@ def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
     workers = EnvPool(ENV, 3, workers=2)
     in_workers = evaluate(agent, workers, 4, args, seed=3, policy=noise_as_action("workers"))
     workers.close()
+    assert workers.memory_gb > 0.3  # two worker processes with their imports and environments
+    assert workers.describe().startswith("3 evaluation environments side by side in 2 worker processes (")
     assert alone == side_by_side == in_workers
     assert len(seen["alone"]) == 4 * 200 and set(seen["alone"]) == set(seen["side by side"]) == set(seen["workers"])
     other_seed = evaluate(agent, EnvPool(ENV, 1), 1, args, seed=100, policy=noise_as_action("other"))[0]
