@@ -34,6 +34,13 @@ Paper recipes (state-based OGBench, 1M steps; every recipe keeps normalize_q_los
   cube-single/double-play         0.99         mean      0.001
   scene-play                      0.99         mean      0.001
   puzzle-3x3/4x4-play             0.99         mean      0.005
+D4RL through Minari (--env-name is the Minari dataset id; 500k steps: --offline-steps 500000):
+  D4RL/antmaze/{umaze, umaze-diverse, medium-play, medium-diverse, large-play, large-diverse}-v1
+                                  0.99         mean      0.015
+  D4RL/pen/{human, cloned, expert}-v2
+                                  0.99         min       0.01
+  D4RL/{door, hammer, relocate}/{human, cloned, expert}-v2
+                                  0.99         min       0.001
 
 Paper offline-to-online recipe: the offline recipe of the family plus 1M online steps (the defaults here).
 
@@ -72,6 +79,14 @@ Deviations from the official code (everything else follows it):
     in bfloat16 (torch.autocast; weights, Adam and the losses stay float32). See README "Speed" for what it was
     measured to change.
   - OGBench >= 1.2 semantics (success judged on the pre-step state), as the installed package does.
+  - D4RL comes from Minari's datasets and gymnasium-robotics' environments (the official code's d4rl package and
+    mujoco-py no longer install), with the official conventions (common/d4rl.py): AntMaze rewards - 1 (also
+    online), masks from true terminations only, terminals at every episode boundary; Adroit rewards unchanged. The
+    AntMaze observation is D4RL's 29 numbers [x, y, qpos[2:], qvel] (Minari's achieved_goal + observation; the goal
+    is not observed, as in D4RL), and AntMaze evaluation episodes end at the goal as in D4RL. There is no validation
+    split, so no validation/* metrics; evaluation/episode.normalized_return is 100 x the D4RL score (AntMaze: 100 x
+    the success rate). Minari's datasets are regenerated, not D4RL's files: numbers compare with the paper only
+    approximately.
   - --eval-sampler max-q / iterative exist officially (sample_actions_max_q, sample_actions_iterative_refinement) but
     no command reaches them. Here they are flags, batched over states, and max-q takes the argmax of Q (the official
     code takes the argmin, against its own docstring). Defaults N = 10 and K = 5 are the official ones.
@@ -102,6 +117,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
+from common.d4rl import normalized_return, reward_offset, run_name_of
 from common.datasets import DatasetError, load_env_and_datasets
 from common.envs import EnvPool
 from common.iav import auto_target_divergence
@@ -115,7 +131,8 @@ class Args:
     seed: int = 0
     """seed of python, numpy, torch and the evaluation episodes"""
     env_name: str = "cube-double-play-singletask-v0"
-    """OGBench single-task environment (<dataset>-singletask[-taskN]-v0); no -taskN means the default task"""
+    """OGBench single-task environment (<dataset>-singletask[-taskN]-v0; no -taskN means the default task), or a
+    Minari dataset id such as D4RL/antmaze/large-play-v1 or D4RL/pen/cloned-v2 (the paper's D4RL tasks)"""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"""
     run_dir: str = "runs"
@@ -212,7 +229,8 @@ class Args:
     precision: Literal["float32", "bf16-rollouts", "bf16"] = "float32"
     """matmul precision: float32 (official); bf16-rollouts: the matmuls of the no-gradient flow rollouts (TD target,
     base actions, evaluation) in bfloat16; bf16: every matmul in bfloat16 (autocast; weights, Adam and the losses
-    stay float32)"""
+    stay float32). Pays only where bfloat16 is native (GPUs; CPUs with AVX-512 BF16 or AMX): elsewhere it is
+    emulated and several times slower than float32"""
 
     # --- evaluation-time action selection (training always uses the plain sampler) ---
     eval_sampler: Literal["flow", "max-q", "iterative"] = "flow"
@@ -625,6 +643,8 @@ def evaluate(agent: DeFlowAgent, envs: EnvPool, num_episodes: int, args: Args, s
                 del running[i]
     success, episode_return, length = np.mean(finished, axis=0)
     metrics = {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}
+    if (score := normalized_return(args.env_name, float(episode_return))) is not None:  # D4RL: 100 x the D4RL score
+        metrics["episode.normalized_return"] = score
     return metrics, videos
 
 
@@ -741,7 +761,9 @@ if __name__ == "__main__":
     if num_eval_envs:
         print(f"{eval_envs.describe()}; --eval-envs sets how many")
     train_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in train_np.items()}
-    val_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
+    val_data = None  # D4RL has no validation split: then no validation/* metrics
+    if val_np is not None:
+        val_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
     obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]
     iav_report = None
     if args.target_divergence == "auto":  # delta = c x IAV of this dataset; a resumed run keeps the saved delta
@@ -810,7 +832,7 @@ if __name__ == "__main__":
             truncate_csv(run_dir / name, checkpoint["step"])
         print(f"resuming {run_dir} at step {start_step}")
     else:
-        run_name = f"{args.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_name = f"{run_name_of(args.env_name)}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = Path(args.run_dir) / run_name
         run_dir.mkdir(parents=True, exist_ok=True)
         if from_offline:  # an offline run goes on in a run directory of its own (its logs have other columns)
@@ -823,7 +845,8 @@ if __name__ == "__main__":
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, id=run_dir.name,
                    config=dataclasses.asdict(args), dir=str(run_dir), resume="allow")
-    print(f"{args.env_name}: {len(train_np['actions'])} train / {len(val_np['actions'])} val transitions, "
+    print(f"{args.env_name}: {len(train_np['actions'])} train / "
+          f"{len(val_np['actions']) if val_np is not None else 'no'} val transitions, "
           f"obs {obs_dim}, actions {action_dim}, delta {args.target_divergence:.3g}, device {device}, "
           f"{sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trained parameters, replay buffer "
           f"{buffer.capacity:,} transitions ({buffer_gb:.2f} GB{', balanced' if args.balanced_sampling else ''}) "
@@ -877,12 +900,13 @@ if __name__ == "__main__":
                 action = sample_actions(agent, obs_t, noise, args.flow_steps)[0].float().cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
             done = terminated or truncated
-            buffer.add(transition(obs, action, reward, terminated, truncated, next_obs))
+            # stored in the dataset's reward convention (D4RL AntMaze: r - 1, as the dataset); returns stay raw
+            buffer.add(transition(obs, action, reward + reward_offset(args.env_name), terminated, truncated, next_obs))
             episode_actions.append(action)
             episode_return += float(reward)
             obs = next_obs
             if done:
-                exploration = {"exploration/success": float(info["success"]),
+                exploration = {"exploration/success": float(info.get("success", float("nan"))),
                                "exploration/episode.return": episode_return,
                                "exploration/episode.length": len(episode_actions),
                                "exploration/episodes": episodes_started}
@@ -912,10 +936,12 @@ if __name__ == "__main__":
                          f"after step {s}; the last checkpoint in {run_dir} (if any) is intact. "
                          f"Check the dataset for NaNs or lower --lr.")
         if is_log_step:
-            with torch.no_grad(), autocast(args, device, rollout=False):
-                val_batch = sample_batch(val_data, args.batch_size)
-                val_noise = update_noise(args.batch_size, action_dim, device, with_mse=True)
-                _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
+            val_metrics = {}
+            if val_data is not None:
+                with torch.no_grad(), autocast(args, device, rollout=False):
+                    val_batch = sample_batch(val_data, args.batch_size)
+                    val_noise = update_noise(args.batch_size, action_dim, device, with_mse=True)
+                    _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
             now = time.time()
             row = {f"training/{k}": v.item() for k, v in metrics.items()}
             row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
@@ -943,8 +969,11 @@ if __name__ == "__main__":
             for episode, frames in videos.items():
                 (run_dir / "videos").mkdir(exist_ok=True)
                 write_video(run_dir / "videos" / f"step{step:08d}_episode{episode}.mp4", frames)
+            score = eval_metrics.get("episode.normalized_return")
             tqdm.write(f"step {step} ({'online' if online else 'offline'}): evaluation/success "
-                       f"{eval_metrics['success']:.3f} (return {eval_metrics['episode.return']:.1f}, "
+                       f"{eval_metrics['success']:.3f} "
+                       + (f"normalized_return {score:.1f} " if score is not None else "") +
+                       f"(return {eval_metrics['episode.return']:.1f}, "
                        f"length {eval_metrics['episode.length']:.0f}, {args.eval_episodes} episodes"
                        f"{f', {len(videos)} videos' if videos else ''})")
         if is_save_step:

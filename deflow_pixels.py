@@ -210,7 +210,8 @@ class Args:
     precision: Literal["float32", "bf16-rollouts", "bf16"] = "float32"
     """matmul precision: float32 (official); bf16-rollouts: the matmuls of the no-gradient flow rollouts (TD target,
     base actions, evaluation) in bfloat16; bf16: every matmul in bfloat16 (autocast; weights, Adam and the losses
-    stay float32)"""
+    stay float32). Pays only where bfloat16 is native (GPUs; CPUs with AVX-512 BF16 or AMX): elsewhere it is
+    emulated and several times slower than float32"""
 
     # --- evaluation-time action selection (training always uses the plain sampler) ---
     eval_sampler: Literal["flow", "max-q", "iterative"] = "flow"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import d4rl
 from common.generate import dataset_name_of, generate_dataset, generation_command
 
 ACTION_CLIP_EPS = 1e-5
@@ -40,6 +41,8 @@ def single_task_gym_id(env_name: str) -> str:
 
     parts = env_name.split("-")
     family_ok = any(env_name.startswith(f) or env_name.startswith(f"visual-{f}") for f in FAMILIES)
+    if (minari_id := d4rl.minari_id_of(env_name)) is not None:
+        raise DatasetError(f"'{env_name}' is a D4RL name; D4RL comes through Minari here: --env-name {minari_id}")
     if "singletask" not in parts or not family_ok:
         raise DatasetError(
             f"unknown environment '{env_name}'. DeFlow trains on OGBench single-task environments named "
@@ -63,8 +66,15 @@ def single_task_gym_id(env_name: str) -> str:
 
 def make_env(env_name: str, max_episode_steps: int | None = None):
     """A fresh single-task environment (its own instance, e.g. for evaluation next to a training env); an episode
-    length other than the task's own (`max_episode_steps`) is for quick checks only."""
+    length other than the task's own (`max_episode_steps`) is for quick checks only. Minari ids (D4RL/...) get the
+    dataset's evaluation environment (common/d4rl.py)."""
     import gymnasium
+
+    if d4rl.is_minari_id(env_name):
+        try:
+            return d4rl.make_env(env_name, max_episode_steps)
+        except d4rl.MinariError as e:
+            raise DatasetError(str(e)) from None
 
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
     return gymnasium.make(single_task_gym_id(env_name), **kwargs)
@@ -139,14 +149,38 @@ def _check_shapes(path: Path, env_name: str, obs_shape: tuple, act_shape: tuple,
         )
 
 
+def check_finite(data: dict[str, np.ndarray], source: str) -> None:
+    """Stop at load, not thousands of updates later, when an array holds NaN or inf."""
+    for key, array in data.items():
+        if np.issubdtype(array.dtype, np.floating):
+            bad = ~np.isfinite(array).reshape(len(array), -1).all(axis=1)
+            if bad.any():
+                raise DatasetError(f"{source}: '{key}' has NaN or inf values in {bad.sum()} of {len(array)} rows "
+                                   f"(first: row {bad.argmax()}); fix or regenerate the dataset")
+
+
 def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", dataset_path: str | None = None,
                           generate_episodes: int = 0, num_workers: int = 1, seed: int = 0):
     """Return (env, train, val): the single-task environment and two dicts of numpy arrays with the keys KEYS.
 
     `dataset_path` names a local training file (its validation file is the same name with -val.npz); without it the
     official file is used from `dataset_dir`, downloaded if missing. `generate_episodes` > 0 generates a missing
-    `dataset_path` locally with the ogbench oracles. Raises DatasetError with the fix for every foreseeable problem.
+    `dataset_path` locally with the ogbench oracles. A Minari id (the D4RL tasks, common/d4rl.py) loads from Minari's
+    folder instead, and has no validation split: val is None. Raises DatasetError with the fix for every foreseeable
+    problem.
     """
+    if d4rl.is_minari_id(env_name):
+        if dataset_path is not None or generate_episodes:
+            raise DatasetError(f"{env_name} is a Minari dataset: --dataset-path and --generate-episodes are for "
+                               "OGBench; Minari datasets are looked for in $MINARI_DATASETS_PATH (~/.minari/datasets)")
+        try:
+            env, train = d4rl.load_env_and_dataset(env_name)
+        except d4rl.MinariError as e:
+            raise DatasetError(str(e)) from None
+        train["actions"] = np.clip(train["actions"], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
+        check_finite(train, f"Minari dataset {env_name}")
+        return env, train, None
+
     import ogbench
 
     env = make_env(env_name)  # fails on a bad name before touching any file
@@ -165,10 +199,11 @@ def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", d
             f"dataset {train_path} (or its -val file) is corrupt or not an OGBench dataset "
             f"({type(e).__name__}: {e}). Delete it and make it again:\n    {regenerate}"
         ) from None
-    for data in (train, val):
+    for data, path in ((train, train_path), (val, _val_path(train_path))):
         data["actions"] = np.clip(data["actions"], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
         for k in [k for k in data if k not in KEYS]:
             del data[k]
+        check_finite(data, str(path))
     return env, train, val
 
 
@@ -269,6 +304,7 @@ def load_visual_datasets(env_name: str, device, dataset_dir: str = "~/.ogbench/d
             raw = {k: _read_rows(path, k, n) for k in ["terminals", *info_keys]}
             relabel_dataset(single_task_gym_id(env_name), env, raw)  # OGBench's rewards and masks for the task
             actions = np.clip(_read_rows(path, "actions", n), -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
+            check_finite({"actions": actions, "rewards": raw["rewards"]}, str(path))
             terminals = raw["terminals"].astype(bool)  # 1 on the last frame of each episode
             terminals[-1] = True  # (the file's last frame ends an episode, whatever it says)
             first = np.concatenate([[0], np.flatnonzero(terminals[:-1]) + 1])  # each episode's first frame

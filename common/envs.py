@@ -17,7 +17,7 @@ from common.datasets import make_env
 
 def _step(env, action) -> tuple:
     obs, reward, terminated, truncated, info = env.step(action)
-    return obs, float(reward), bool(terminated), bool(truncated), float(info["success"])
+    return obs, float(reward), bool(terminated), bool(truncated), float(info.get("success", np.nan))
 
 
 def _handle(envs: list, command: str, payload: dict) -> dict:

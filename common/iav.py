@@ -30,8 +30,9 @@ NAVIGATION = ("antmaze", "humanoidmaze", "antsoccer", "pointmaze")
 
 
 def default_iav_scale(env_name: str) -> float:
-    """c of delta = c * IAV: 1.0 for navigation/locomotion, 0.1 for manipulation (cube, scene, puzzle)."""
-    return 1.0 if env_name.removeprefix("visual-").startswith(NAVIGATION) else 0.1
+    """c of delta = c * IAV: 1.0 for navigation/locomotion (also D4RL AntMaze), 0.1 for manipulation (cube, scene,
+    puzzle; also Adroit)."""
+    return 1.0 if env_name.removeprefix("visual-").removeprefix("D4RL/").startswith(NAVIGATION) else 0.1
 
 
 @torch.no_grad()

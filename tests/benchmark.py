@@ -7,7 +7,7 @@ It measures, in one run, and writes the tables to --out (README "Speed" shows th
   - Training: updates/s of deflow_offline.py's training iteration (batch draw, noise, losses, backward, target EMA,
     Adam) at each --widths (4 hidden layers in every network, batch 256, 10 flow steps, cube-single's 28-dim
     observations and 5-dim actions, random data): eager, --compile, and --compile with --precision bf16-rollouts and
-    bf16; with --baseline, that checkout's eager and --compile as well. The variants run interleaved, a block of
+    bf16 (where bfloat16 is native: CUDA, or a CPU with AVX-512 BF16 or AMX); with --baseline, that checkout's eager and --compile as well. The variants run interleaved, a block of
     updates each in turn for --rounds rounds, so that a slow spell of a shared machine hits them alike. Each cell is
     the median block; a ratio is the median of the per-round ratios to the first column. Compilation is excluded
     (warm-up calls) and reported apart.
@@ -109,10 +109,17 @@ def update_flops(width: int, data: dict, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively (CUDA, or a CPU with AVX-512 BF16 / AMX); elsewhere they are emulated
+    and many times slower than float32, so the bf16 rows are left out."""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def training_rows(args: Args, device: torch.device, baseline) -> tuple[list[str], list[list[str]], list[list[str]]]:
-    variants = [("eager", deflow_offline, False, "float32"), ("--compile", deflow_offline, True, "float32"),
-                ("--compile, bf16-rollouts", deflow_offline, True, "bf16-rollouts"),
-                ("--compile, bf16", deflow_offline, True, "bf16")]
+    variants = [("eager", deflow_offline, False, "float32"), ("--compile", deflow_offline, True, "float32")]
+    if native_bf16(device):
+        variants += [("--compile, bf16-rollouts", deflow_offline, True, "bf16-rollouts"),
+                     ("--compile, bf16", deflow_offline, True, "bf16")]
     if baseline is not None:
         variants = [("baseline eager", baseline, False, "float32"), ("baseline --compile", baseline, True, "float32"),
                     *variants]
@@ -205,10 +212,14 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 if __name__ == "__main__":
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    # Every variant and width compiles deflow_losses anew (other agent, other precision): more than torch.compile's
+    # default of 8 versions of one function, after which it would silently run the rest eagerly.
+    torch._dynamo.config.recompile_limit = 64
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f"{platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}, " \
+        f"{torch.get_num_threads()} threads" + ("" if native_bf16(device) else ", no native bfloat16: no bf16 rows")
     title = (f"DeFlow speed on {device} ({name}), torch {torch.__version__}, batch 256, 10 flow steps, "
              f"{args.rounds} rounds of ~{args.block_seconds:.0f} s blocks per variant")
     print(title, flush=True)

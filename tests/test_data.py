@@ -92,3 +92,18 @@ def test_dataset_of_another_environment(tmp_path):
     # A valid OGBench file, but for a 2-D point maze: the shapes are checked before relabeling can fail obscurely.
     with pytest.raises(DatasetError, match=r"observations of shape \(2,\).*but cube-single-play-singletask-v0 has observations \(28,\)"):
         load_env_and_datasets("cube-single-play-singletask-v0", dataset_path=str(path))
+
+
+def test_non_finite_values_stop_at_load_naming_the_array(tmp_path, cube_dataset):
+    path = tmp_path / "nan.npz"
+    with np.load(cube_dataset) as f:
+        arrays = dict(f)
+    arrays["observations"][[3, 7]] = np.nan
+    arrays["observations"][9, 0] = np.inf
+    np.savez_compressed(path, **arrays)
+    (tmp_path / "nan-val.npz").write_bytes(cube_dataset.with_name(cube_dataset.stem + "-val.npz").read_bytes())
+    with pytest.raises(DatasetError) as e:
+        load_env_and_datasets("cube-single-play-singletask-task1-v0", dataset_path=str(path))
+    message = str(e.value)
+    assert "'observations' has NaN or inf values in 3 of" in message and "first: row 3" in message
+    assert str(path) in message and "\n" not in message

@@ -1,0 +1,192 @@
+"""D4RL through Minari, without internet: tiny datasets in Minari's own format (its DataCollector and
+create_dataset_from_buffers) from the real gymnasium-robotics environments, loaded through the function users call."""
+
+import csv
+import os
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+from common import d4rl
+from common.datasets import DatasetError, load_env_and_datasets, make_env
+from tests.conftest import TINY_FLAGS, run_script
+
+minari = pytest.importorskip("minari")
+from minari.data_collector import EpisodeBuffer  # noqa: E402
+gymnasium_robotics = pytest.importorskip("gymnasium_robotics")
+gymnasium.register_envs(gymnasium_robotics)
+
+ANTMAZE, PEN = "D4RL/antmaze/umaze-v1", "D4RL/pen/cloned-v2"
+HANDMADE_ANTMAZE, HANDMADE_FLAT = "D4RL/antmaze/medium-play-v1", "test/pen-handmade-v0"
+UMAZE = [[1, 1, 1, 1, 1], [1, "r", 0, 0, 1], [1, 1, 1, 0, 1], [1, "g", 0, 0, 1], [1, 1, 1, 1, 1]]  # D4RL's U-maze
+
+
+def stack(observations: list):
+    """Observations of one episode as Minari stores them: an array, or a dict of arrays for a Dict space."""
+    if isinstance(observations[0], dict):
+        return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+    return np.stack(observations)
+
+
+def record(dataset_id: str, env_id: str, episodes: int, steps: int, eval_steps: int, seed: int, **kwargs):
+    """A few random-action episodes of a real environment, written with Minari's own writer (its DataCollector
+    needs jax, which this project does not; the buffers it would make are built here instead)."""
+    env = gymnasium.make(env_id, max_episode_steps=steps, **kwargs)
+    rng = np.random.default_rng(seed)
+    buffers = []
+    for episode in range(episodes):
+        observations, rewards, terminations, truncations = [env.reset(seed=seed + episode)[0]], [], [], []
+        actions = []
+        while not (terminations and (terminations[-1] or truncations[-1])):
+            actions.append(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
+            obs, reward, terminated, truncated, _ = env.step(actions[-1])
+            observations.append(obs)
+            rewards.append(reward)
+            terminations.append(terminated)
+            truncations.append(truncated)
+        buffers.append(EpisodeBuffer(seed=seed + episode, observations=stack(observations),
+                                     actions=np.stack(actions), rewards=np.array(rewards),
+                                     terminations=np.array(terminations), truncations=np.array(truncations)))
+    eval_env = gymnasium.make(env_id, max_episode_steps=eval_steps, **kwargs)
+    minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=eval_env.spec, algorithm_name="random",
+                                       ref_min_score=-10.0, ref_max_score=90.0)
+
+
+def handmade_episodes(observation, action_dim: int, rng) -> list:
+    """Three episodes with known boundaries: 3 steps ending in a termination, 2 ending in a truncation, 1 more."""
+    episodes = []
+    for steps, terminated in ((3, True), (2, False), (1, False)):
+        last = np.eye(steps, dtype=bool)[-1]
+        episodes.append(EpisodeBuffer(observations=observation(steps + 1),
+                                      actions=rng.uniform(-1, 1, (steps, action_dim)).astype(np.float32),
+                                      rewards=np.arange(steps, dtype=np.float64), terminations=last & terminated,
+                                      truncations=last & (not terminated)))
+    return episodes
+
+
+@pytest.fixture(scope="module")
+def minari_root(tmp_path_factory):
+    """MINARI_DATASETS_PATH with the tiny datasets (the scripts started by the tests see it too)."""
+    root = tmp_path_factory.mktemp("minari")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    d4rl.reference_scores.cache_clear()
+    maze = dict(maze_map=UMAZE, reward_type="sparse", continuing_task=True, reset_target=False)
+    record(ANTMAZE, "AntMaze_UMaze-v4", episodes=2, steps=12, eval_steps=10, seed=0, **maze)
+    record(PEN, "AdroitHandPen-v1", episodes=2, steps=12, eval_steps=10, seed=0)
+    rng = np.random.default_rng(0)
+    pen = gymnasium.make("AdroitHandPen-v1")
+    obs_dim = pen.observation_space.shape[0]
+    minari.create_dataset_from_buffers(
+        HANDMADE_FLAT, handmade_episodes(lambda n: rng.normal(size=(n, obs_dim)), 24, rng), env=pen)
+    ant = gymnasium.make("AntMaze_UMaze-v4", **maze)
+    space = ant.observation_space
+    ant_observation = lambda n: {k: rng.normal(size=(n, *space[k].shape)) for k in space}  # noqa: E731
+    minari.create_dataset_from_buffers(HANDMADE_ANTMAZE, handmade_episodes(ant_observation, 8, rng), env=ant)
+    yield root
+    if old is None:
+        del os.environ["MINARI_DATASETS_PATH"]
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+    d4rl.reference_scores.cache_clear()
+
+
+def test_conventions_on_handmade_episodes(minari_root):
+    dataset = minari.load_dataset(HANDMADE_FLAT)
+    raw = list(dataset.iterate_episodes())
+    _, train, val = load_env_and_datasets(HANDMADE_FLAT)
+    assert val is None  # D4RL has no validation split
+    assert len(train["actions"]) == 6
+    np.testing.assert_array_equal(train["terminals"], [0, 0, 1, 0, 1, 1])  # every episode boundary
+    np.testing.assert_array_equal(train["masks"], [1, 1, 0, 1, 1, 1])  # only the true termination
+    np.testing.assert_array_equal(train["rewards"], [0, 1, 2, 0, 1, 0])  # not AntMaze: unchanged
+    obs = np.concatenate([e.observations[:-1] for e in raw])
+    next_obs = np.concatenate([e.observations[1:] for e in raw])
+    np.testing.assert_allclose(train["observations"], obs, rtol=1e-6)
+    np.testing.assert_allclose(train["next_observations"], next_obs, rtol=1e-6)
+    assert np.abs(train["actions"]).max() <= 1 - 1e-5  # clipped as every dataset
+
+
+def test_antmaze_rewards_shifted_and_observation_flattened_in_d4rl_order(minari_root):
+    raw = list(minari.load_dataset(HANDMADE_ANTMAZE).iterate_episodes())
+    _, train, _ = load_env_and_datasets(HANDMADE_ANTMAZE)
+    np.testing.assert_array_equal(train["rewards"], np.array([0, 1, 2, 0, 1, 0]) - 1.0)
+    np.testing.assert_array_equal(train["masks"], [1, 1, 0, 1, 1, 1])
+    first = raw[0].observations
+    expected = np.concatenate([first["achieved_goal"][0], first["observation"][0]])  # [x, y, the rest]; no goal
+    np.testing.assert_allclose(train["observations"][0], expected, rtol=1e-6)
+
+
+def test_antmaze_environment_gives_d4rl_observations_and_ends_at_the_goal(minari_root):
+    env = make_env(ANTMAZE)
+    assert env.spec.kwargs["continuing_task"] is False and env.spec.max_episode_steps == 10
+    obs, _ = env.reset(seed=0)
+    data = env.unwrapped.ant_env.data
+    np.testing.assert_allclose(obs, np.concatenate([data.qpos, data.qvel]), rtol=1e-6)  # D4RL: qpos[:15], qvel[:14]
+    assert obs.shape == (29,) and obs.dtype == np.float32
+    _, train, _ = load_env_and_datasets(ANTMAZE)
+    assert train["observations"].shape[1] == 29
+    assert set(np.unique(train["rewards"])) <= {-1.0, 0.0}
+
+
+def test_normalized_return(minari_root):
+    assert d4rl.normalized_return(ANTMAZE, 1.0) == 100.0  # D4RL's AntMaze references: 0 and 1
+    assert d4rl.normalized_return(PEN, 40.0) == pytest.approx(50.0)  # the dataset's: -10 and 90
+    assert d4rl.normalized_return("cube-single-play-singletask-task1-v0", 1.0) is None
+
+
+def test_missing_dataset_says_where_to_download_and_copy(minari_root):
+    with pytest.raises(DatasetError) as e:
+        load_env_and_datasets("D4RL/door/human-v2")
+    message = str(e.value)
+    assert "minari download D4RL/door/human-v2" in message and "MINARI_DATASETS_PATH" in message
+    assert str(minari_root) in message and "\n" not in message
+
+
+def test_d4rl_names_point_to_the_minari_ids():
+    with pytest.raises(DatasetError, match="--env-name D4RL/antmaze/large-play-v1"):
+        load_env_and_datasets("antmaze-large-play-v2")
+    assert d4rl.minari_id_of("hammer-expert-v1") == "D4RL/hammer/expert-v2"
+    assert d4rl.minari_id_of("antmaze-large-navigate-v0") is None  # OGBench's, not D4RL's
+
+
+def test_dict_observations_without_a_known_flattening_are_refused():
+    space = gymnasium.spaces.Dict({"position": gymnasium.spaces.Box(-1, 1, (2,)),
+                                   "velocity": gymnasium.spaces.Box(-1, 1, (2,))})
+    with pytest.raises(d4rl.MinariError, match="flat Box observations and the AntMaze dict"):
+        d4rl._flat_observation_keys(space)
+
+
+def test_paper_tasks_and_recipes():
+    assert len(d4rl.TASKS) == 18
+    assert sum(d4rl.is_antmaze(t) for t in d4rl.TASKS) == 6
+    assert d4rl.TASKS["D4RL/antmaze/large-diverse-v1"] == {"q_agg": "mean", "target_divergence": 0.015}
+    assert d4rl.TASKS["D4RL/pen/expert-v2"] == {"q_agg": "min", "target_divergence": 0.01}
+    assert d4rl.TASKS["D4RL/relocate/human-v2"] == {"q_agg": "min", "target_divergence": 0.001}
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("dataset_id", [ANTMAZE, PEN])
+def test_both_scripts_end_to_end(minari_root, tmp_path, dataset_id):
+    common = ["--env-name", dataset_id, "--run-dir", tmp_path, "--log-interval", 2, "--eval-interval", 4,
+              "--eval-episodes", 1, *TINY_FLAGS]
+    offline = run_script(*common, "--offline-steps", 4, "--exp-name", "offline")
+    assert "no val transitions" in offline.stdout and "normalized_return" in offline.stdout
+    run_dir = next(tmp_path.glob(f"{d4rl.run_name_of(dataset_id)}__offline__*"))
+    train, evals = read_csv(run_dir / "train.csv"), read_csv(run_dir / "eval.csv")
+    assert not any(k.startswith("validation/") for k in train[0])
+    assert [int(r["step"]) for r in evals] == [1, 4]
+    assert all(np.isfinite(float(r["evaluation/episode.normalized_return"])) for r in evals)
+    run_script(*common, "--offline-steps", 2, "--online-steps", 4, "--exp-name", "o2o", script="deflow_o2o.py")
+    run_dir = next(tmp_path.glob(f"{d4rl.run_name_of(dataset_id)}__o2o__*"))
+    assert [int(r["step"]) for r in read_csv(run_dir / "eval.csv")] == [1, 2, 4, 6]
+    online = torch.load(run_dir / "checkpoint.pt", weights_only=True)["buffer"]["data"]
+    assert len(online["rewards"]) == 4
+    if d4rl.is_antmaze(dataset_id):  # stored as the dataset's rewards: r - 1 (a random ant never reaches the goal)
+        assert torch.equal(online["rewards"], -torch.ones(4))
