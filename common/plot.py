@@ -1,0 +1,220 @@
+"""Learning curves and a results table from runs: every run directory below the given folders (the ones that hold
+args.json and eval.csv, e.g. a sweep's), grouped by script, environment and every flag that differs between them.
+
+    python -m common.plot sweeps/sweep                  # writes sweeps/sweep/curves.png, results.md, results.csv
+    python -m common.plot runs/ --iqm                    # also the interquartile mean with bootstrap intervals
+
+The score is evaluation/episode.normalized_return (D4RL) or evaluation/success x 100 (OGBench). Curves: the mean
+over seeds with a 95% confidence band (Student t over seeds, cut at the scores' range) and each seed faintly, one
+panel per environment (the 5 tasks of an OGBench
+dataset averaged, as the paper does). Table: the final evaluation of each run; per task and per environment the
+mean +- standard deviation over seeds (an environment's score per seed is the mean over its tasks) and the seed
+count. --iqm adds the interquartile mean over all runs of an environment with a 95% bootstrap interval (Agarwal et
+al. 2021), computed with scipy.stats (trim_mean, bootstrap). Written by hand: only the grouping and the averaging.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+from common.recipes import dataset_of
+
+IGNORED = {"seed", "run_dir", "resume", "track", "wandb_project_name", "wandb_entity", "save_interval", "device",
+           "env_name", "dataset_path", "dataset_dir", "num_workers", "generate_episodes", "eval_workers",
+           "capture_video", "video_episodes"}  # flags that do not change what a run learns
+
+
+@dataclasses.dataclass
+class Args:
+    folders: tyro.conf.Positional[tuple[str, ...]]
+    """folders to search for run directories (args.json + eval.csv), e.g. a sweep directory"""
+    out: str | None = None
+    """where curves.png, results.md and results.csv go (default: the first folder)"""
+    iqm: bool = False
+    """also the interquartile mean over runs with a 95% bootstrap interval"""
+
+
+@dataclasses.dataclass
+class Run:
+    path: Path
+    args: dict
+    steps: np.ndarray
+    scores: np.ndarray  # 0-100
+
+
+def read_runs(folders) -> list[Run]:
+    runs = []
+    for folder in folders:
+        for args_file in sorted(Path(folder).rglob("args.json")):
+            path = args_file.parent
+            if "abandoned" in path.parts or not (path / "eval.csv").exists():
+                continue
+            with open(path / "eval.csv") as f:
+                rows = list(csv.DictReader(f))
+            if not rows:
+                continue
+            key = "evaluation/episode.normalized_return"
+            scores = [float(r[key]) if key in r else 100 * float(r["evaluation/success"]) for r in rows]
+            runs.append(Run(path, json.loads(args_file.read_text()), np.array([int(r["step"]) for r in rows]),
+                            np.array(scores)))
+    return runs
+
+
+def group_label(run: Run, differing: list[str]) -> str:
+    flags = " ".join(f"{k}={run.args[k]}" for k in differing)
+    return f"{run.args.get('exp_name', '?')}" + (f" [{flags}]" if flags else "")
+
+
+def groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """{(group label, env_name): runs}; the label names the script (exp_name) and each flag that differs."""
+    keys = sorted({k for r in runs for k in r.args} - IGNORED - {"exp_name"})
+    differing = [k for k in keys if len({json.dumps(r.args.get(k), sort_keys=True) for r in runs}) > 1]
+    out = defaultdict(list)
+    for run in runs:
+        out[(group_label(run, differing), run.args["env_name"])].append(run)
+    return dict(out)
+
+
+def mean_and_band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over axis 0 and the half-width of a 95% Student t interval (0 for one seed)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = values.mean(axis=0)
+    if n < 2:
+        return mean, np.zeros_like(mean)
+    return mean, stats.t.ppf(0.975, n - 1) * values.std(axis=0, ddof=1) / np.sqrt(n)
+
+
+def environment_curves(by_group: dict) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """{environment: {group label: (steps, per-seed curves averaged over the environment's tasks)}}, on the steps
+    every run of the group evaluated."""
+    out = defaultdict(dict)
+    per_env = defaultdict(list)
+    for (label, env_name), runs in by_group.items():
+        per_env[(label, dataset_of(env_name))].append(runs)
+    for (label, env), task_runs in per_env.items():
+        steps = sorted(set.intersection(*[set(r.steps.tolist()) for runs in task_runs for r in runs]))
+        seeds = sorted(set.intersection(*[{r.args["seed"] for r in runs} for runs in task_runs]))
+        if not steps or not seeds:
+            continue
+        curves = []
+        for seed in seeds:
+            per_task = []
+            for runs in task_runs:
+                run = next(r for r in runs if r.args["seed"] == seed)
+                per_task.append([run.scores[list(run.steps).index(s)] for s in steps])
+            curves.append(np.mean(per_task, axis=0))
+        out[env][label] = (np.array(steps), np.array(curves))
+    return dict(out)
+
+
+def plot_curves(curves: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = sorted(curves)
+    columns = min(3, len(envs))
+    rows = -(-len(envs) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for ax, env in zip(axes.flat, envs):
+        for label, (steps, per_seed) in sorted(curves[env].items()):
+            mean, band = mean_and_band(per_seed)
+            line, = ax.plot(steps, mean, label=f"{label} ({len(per_seed)} seeds)")
+            for seed_curve in per_seed:  # each seed, faintly
+                ax.plot(steps, seed_curve, color=line.get_color(), alpha=0.3, linewidth=0.8)
+            low, high = min(0.0, per_seed.min()), max(100.0, per_seed.max())  # the band, within what scores can be
+            ax.fill_between(steps, np.clip(mean - band, low, high), np.clip(mean + band, low, high),
+                            color=line.get_color(), alpha=0.2)
+        ax.set_title(env)
+        ax.set_xlabel("updates")
+        ax.set_ylabel("score (success % or normalized return)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(envs):]:
+        ax.remove()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def final_table(by_group: dict, curves: dict, iqm: bool) -> list[dict]:
+    """Rows of the results table: one per (group, task) and one per (group, environment)."""
+    rows = []
+    for (label, env_name), runs in sorted(by_group.items()):
+        finals = np.array([r.scores[-1] for r in runs])
+        rows.append({"group": label, "level": "task", "name": env_name, "mean": finals.mean(),
+                     "std": finals.std(ddof=1) if len(finals) > 1 else 0.0, "seeds": len(finals),
+                     "final_step": int(max(r.steps[-1] for r in runs))})
+    for env, by_label in sorted(curves.items()):
+        for label, (steps, per_seed) in sorted(by_label.items()):
+            finals = per_seed[:, -1]
+            row = {"group": label, "level": "environment", "name": env, "mean": finals.mean(),
+                   "std": finals.std(ddof=1) if len(finals) > 1 else 0.0, "seeds": len(finals),
+                   "final_step": int(steps[-1])}
+            if iqm:
+                row.update(interquartile_mean(by_group, label, env))
+            rows.append(row)
+    return rows
+
+
+def interquartile_mean(by_group: dict, label: str, env: str) -> dict:
+    """IQM of the final scores of every run (tasks x seeds) of an environment, with a 95% bootstrap interval."""
+    from scipy import stats
+
+    finals = np.array([r.scores[-1] for (lab, name), runs in by_group.items() if lab == label
+                       and dataset_of(name) == env for r in runs])
+    iqm = float(stats.trim_mean(finals, 0.25))
+    if len(finals) < 2 or np.ptp(finals) == 0:
+        return {"iqm": iqm, "iqm_low": iqm, "iqm_high": iqm}
+    ci = stats.bootstrap((finals,), lambda x, axis: stats.trim_mean(x, 0.25, axis=axis), confidence_level=0.95,
+                         n_resamples=2000, random_state=np.random.default_rng(0)).confidence_interval
+    return {"iqm": iqm, "iqm_low": float(ci.low), "iqm_high": float(ci.high)}
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| group | task or environment | final score (mean +- std over seeds) | seeds | at update |"
+             + (" IQM [95% CI] |" if "iqm" in columns else ""), "|---|---|---|---|---|"
+             + ("---|" if "iqm" in columns else "")]
+    for row in rows:
+        name = row["name"] if row["level"] == "task" else f"**{row['name']}** (mean of its tasks)"
+        line = f"| {row['group']} | {name} | {row['mean']:.1f} +- {row['std']:.1f} | {row['seeds']} | {row['final_step']} |"
+        if "iqm" in columns:
+            line += f" {row['iqm']:.1f} [{row['iqm_low']:.1f}, {row['iqm_high']:.1f}] |" if "iqm" in row else " |"
+        lines.append(line)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main(args: Args) -> None:
+    runs = read_runs(args.folders)
+    if not runs:
+        sys.exit(f"error: no run directories (args.json + eval.csv) below {', '.join(args.folders)}")
+    out = Path(args.out or args.folders[0])
+    out.mkdir(parents=True, exist_ok=True)
+    by_group = groups(runs)
+    curves = environment_curves(by_group)
+    plot_curves(curves, out / "curves.png")
+    write_table(final_table(by_group, curves, args.iqm), out)
+    print(f"{len(runs)} runs in {len(by_group)} groups of (flags, task): wrote {out / 'curves.png'}, "
+          f"{out / 'results.md'}, {out / 'results.csv'}")
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))

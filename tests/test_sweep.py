@@ -1,0 +1,151 @@
+"""Many runs: the sweep launcher through submitit's local executor (for real, on a tiny generated dataset), its
+skip/resume on rerun, the SLURM submission it would make, the recipes shared with the README, and the curves/table."""
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import plot, recipes, sweep
+from tests.conftest import ROOT, TINY_FLAGS
+
+submitit = pytest.importorskip("submitit")
+TASKS = ["cube-single-play-singletask-task1-v0", "cube-single-play-singletask-task2-v0"]
+
+
+def sweep_command(sweep_dir, dataset, steps=6, interval=3, tasks=TASKS):
+    """`tasks` x 2 seeds, 2 jobs at a time; a checkpoint, a log line and an evaluation every `interval` updates."""
+    return [sys.executable, "-m", "common.sweep", "--env-names", *tasks, "--seeds", "0", "1", "--jobs", "2",
+            "--sweep-dir", str(sweep_dir), "--poll-seconds", "0.5", "--save-interval", str(interval), "--",
+            "--dataset-path", str(dataset), "--offline-steps", str(steps), "--log-interval", str(interval),
+            "--eval-interval", str(interval), "--eval-episodes", "1", *TINY_FLAGS]
+
+
+def run_sweep(*command_args, **kwargs):
+    result = subprocess.run(sweep_command(*command_args, **kwargs), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory, cube_dataset):
+    """2 tasks x 2 seeds of cube-single, 6 updates each, through submitit's local executor; then the same sweep
+    again (everything finished: all skipped)."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    first = run_sweep(sweep_dir, cube_dataset)
+    again = run_sweep(sweep_dir, cube_dataset)
+    return sweep_dir, first, again
+
+
+def test_sweep_runs_every_job_and_a_rerun_skips_them(small_sweep):
+    sweep_dir, first, again = small_sweep
+    assert "4 jobs: 0 finished before (skipped), 0 to resume, 4 to start (local, 2 at a time)" in first
+    assert re.search(r"4 done, 0 running, 0 failed, 0 waiting", first)
+    assert "4 jobs: 4 finished before (skipped), 0 to resume, 0 to start" in again
+    for task in TASKS:
+        for seed in (0, 1):
+            job_dir = sweep_dir / "deflow_offline" / task / f"seed{seed}"
+            assert (job_dir / "finished").exists() and "done:" in (job_dir / "log.txt").read_text()
+            (run_dir,) = job_dir.glob(f"{task}__deflow_offline__{seed}__*")
+            with open(run_dir / "eval.csv") as f:
+                assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 3, 6]
+
+
+def test_a_killed_job_resumes_from_its_checkpoint(tmp_path, cube_dataset):
+    """Kill a sweep while its jobs run (after their first checkpoint), rerun it: they continue from the checkpoint."""
+    process = subprocess.Popen(sweep_command(tmp_path, cube_dataset, 400, 100, TASKS[:1]), cwd=ROOT,
+                               start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("deflow_offline/*/seed*/*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep, submitit's job controllers and the scripts
+    process.wait()
+    time.sleep(1)
+    assert not list(tmp_path.glob("deflow_offline/*/seed*/finished"))
+    out = run_sweep(tmp_path, cube_dataset, 400, 100, TASKS[:1])
+    resumed = int(re.search(r"(\d+) to resume", out).group(1))
+    assert resumed >= 1 and "2 done, 0 running, 0 failed" in out
+    logs = [p.read_text() for p in tmp_path.glob("deflow_offline/*/seed*/log.txt")]
+    assert sum("resuming" in log for log in logs) == resumed
+    for job_dir in tmp_path.glob("deflow_offline/*/seed*"):
+        assert len([p for p in job_dir.iterdir() if p.is_dir() and p.name != "abandoned"]) == 1
+
+
+def test_dry_run_prints_the_scripts_own_commands_with_the_recipe():
+    result = subprocess.run([sys.executable, "-m", "common.sweep", "--env-names", "puzzle-3x3-play",
+                             "D4RL/pen/cloned-v2", "--seeds", "0", "1", "--recipe", "paper", "--dry-run", "--sweep-dir",
+                             "/tmp/never", "--", "--target-divergence", "0.002"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 12  # 5 puzzle tasks and one D4RL dataset, 2 seeds each
+    assert all(line.startswith("[new] ") and " --save-interval 50000 " in line for line in lines)
+    puzzle = next(line for line in lines if "puzzle-3x3-play-singletask-task4-v0 --seed 1" in line)
+    assert "--q-agg mean --target-divergence 0.005 --target-divergence 0.002" in puzzle  # the user's flag comes last
+    assert "/never/deflow_offline/puzzle-3x3-play-singletask-task4-v0/seed1 " in puzzle
+    pen = next(line for line in lines if "D4RL/pen/cloned-v2" in line)
+    assert "--run-dir /never/deflow_offline/D4RL-pen-cloned-v2/seed0" in pen.replace("/tmp/never", "/never")
+    assert "--q-agg min --target-divergence 0.01 --offline-steps 500000" in pen
+
+
+def test_slurm_submission(tmp_path, monkeypatch):
+    """What sbatch would get, checked without a cluster: the job array and the resources per job."""
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # as if srun were here
+    args = sweep.Args(executor="slurm", jobs=3, partition="gpu", gpus_per_job=1, cpus_per_job=6, mem_gb=40,
+                      time_min=600, sweep_dir=str(tmp_path), env_names=("cube-double-play",), seeds=(0, 1))
+    jobs = sweep.plan(args, ["--offline-steps", "1000"])
+    executor = sweep.make_executor(args)
+    text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+    for expected in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=6",
+                     "#SBATCH --mem=40GB", "#SBATCH --time=600"):
+        assert expected in text, text
+    assert executor._executor.parameters["array_parallelism"] == 3
+    assert len(jobs) == 10 and all(job.command[-2:] == ["--offline-steps", "1000"] for job in jobs)
+
+
+def test_readme_recipe_table_is_the_launchers():
+    readme = (ROOT / "README.md").read_text()
+    for name, (discount, q_agg, delta) in recipes.OGBENCH.items():
+        row = next(line for line in readme.splitlines() if line.startswith("| ") and f" {name}" in line.split("|")[1])
+        assert row.split("|")[2:5] == [f" {discount} ", f" {q_agg} ", f" {delta} "], row
+    for name, delta in recipes.PIXELS.items():
+        assert f"| {name}-singletask-task1-v0 | {delta} |" in readme
+    assert recipes.recipe("D4RL/door/human-v2") == {"discount": 0.99, "q_agg": "min", "target_divergence": 0.001,
+                                                    "offline_steps": 500_000}
+    assert recipes.expand(["D4RL/antmaze"]) == [t for t in recipes.d4rl.TASKS if "antmaze" in t]
+    with pytest.raises(KeyError, match="no paper recipe"):
+        recipes.recipe("pointmaze-medium-navigate-singletask-v0")
+
+
+def test_plot_and_table_equal_a_hand_computation(small_sweep, tmp_path):
+    sweep_dir, *_ = small_sweep
+    plot.main(plot.Args(folders=(str(sweep_dir),), out=str(tmp_path), iqm=True))
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    finals = {}
+    for eval_csv in sweep_dir.glob("deflow_offline/*/seed*/*/eval.csv"):
+        with open(eval_csv) as f:
+            last = list(csv.DictReader(f))[-1]
+        task = eval_csv.parent.name.split("__")[0]
+        finals.setdefault(task, {})[int(eval_csv.parent.name.split("__")[2])] = 100 * float(last["evaluation/success"])
+    with open(tmp_path / "results.csv") as f:
+        rows = {(r["level"], r["name"]): r for r in csv.DictReader(f)}
+    for task, by_seed in finals.items():
+        values = np.array(list(by_seed.values()))
+        row = rows[("task", task)]
+        assert float(row["mean"]) == pytest.approx(values.mean()) and int(row["seeds"]) == 2
+        assert float(row["std"]) == pytest.approx(values.std(ddof=1))
+    per_seed = [np.mean([finals[t][seed] for t in TASKS]) for seed in (0, 1)]
+    env = rows[("environment", "cube-single-play")]
+    assert float(env["mean"]) == pytest.approx(np.mean(per_seed)) and float(env["iqm"]) >= 0
+    assert "**cube-single-play** (mean of its tasks)" in (tmp_path / "results.md").read_text()
+    curves = plot.environment_curves(plot.groups(plot.read_runs([sweep_dir])))
+    figure = plot.plot_curves(curves, tmp_path / "again.png")
+    assert [ax.get_title() for ax in figure.axes] == ["cube-single-play"]  # one panel per environment
