@@ -1,4 +1,5 @@
-"""Data plumbing shared by the DeFlow scripts: OGBench loading (datasets.py) and local generation (generate.py)."""
+"""Shared by the DeFlow scripts: data (OGBench loading and generation, D4RL through Minari), evaluation environments,
+the IAV heuristic, and the tools around the scripts (recipes, sweeps, plots)."""
 
 import os
 import warnings
