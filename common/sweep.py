@@ -178,8 +178,14 @@ def run(args: Args, jobs: list[Job]) -> int:
     executor, last, failed = make_executor(args), [], []
     if args.executor == "slurm":  # one job array; SLURM keeps --jobs of them running
         env = {"OMP_NUM_THREADS": str(args.cpus_per_job)}
-        with executor.batch():
-            submitted = [(executor.submit(run_job, job.command, str(job.job_dir), env), job) for job in todo]
+        import submitit
+
+        try:
+            with executor.batch():
+                submitted = [(executor.submit(run_job, job.command, str(job.job_dir), env), job) for job in todo]
+        except submitit.core.utils.FailedJobError as e:  # sbatch said no
+            sys.exit(f"error: SLURM refused the job array ({' '.join(str(e).split())[-300:]}). Check --partition, "
+                     "--gpus-per-job (0 on a partition without GPUs), --cpus-per-job, --mem-gb and --time-min.")
         print(f"submitted SLURM job array {submitted[0][0].job_id.split('_')[0]}" if submitted else "", flush=True)
         waiting, running = [], []
         pending = submitted
