@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
-ADROIT = tuple(f"{task}/{kind}" for task in ("pen", "door", "hammer", "relocate") for kind in ("human", "cloned", "expert"))
+ADROIT = tuple(f"{task}/{kind}" for task in ("pen", "door", "hammer", "relocate")
+               for kind in ("human", "cloned", "expert"))
 # The paper's 18 D4RL datasets (Minari ids) and their DeFlow recipes (500k offline updates each).
 TASKS = {
     **{f"D4RL/antmaze/{name}-v1": {"q_agg": "mean", "target_divergence": 0.015} for name in ANTMAZE},
@@ -122,8 +123,9 @@ def flatten(observation, keys: tuple[str, ...] | None) -> np.ndarray:
     return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in keys], axis=-1)
 
 
-def make_env(dataset_id: str, max_episode_steps: int | None = None):
-    """The dataset's evaluation environment with flat observations (AntMaze: ends at the goal, as in D4RL)."""
+def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None):
+    """The dataset's evaluation environment with flat observations (AntMaze: ends at the goal, as in D4RL);
+    `dataset` is the loaded Minari dataset when the caller has it."""
     import gymnasium
 
     try:
@@ -132,7 +134,7 @@ def make_env(dataset_id: str, max_episode_steps: int | None = None):
         gymnasium.register_envs(gymnasium_robotics)  # AntMaze and Adroit
     except ImportError:
         pass
-    dataset = _load(dataset_id)
+    dataset = dataset if dataset is not None else _load(dataset_id)
     overrides = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
     if is_antmaze(dataset_id):
         overrides["continuing_task"] = False  # D4RL's evaluation AntMaze ends at the goal: return 1 at success
@@ -149,9 +151,10 @@ def make_env(dataset_id: str, max_episode_steps: int | None = None):
     return env
 
 
-def transitions(episodes, antmaze: bool, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+def transitions(episodes, offset: float, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Flat transitions with the official conventions (module docstring) from episodes with Minari's fields:
-    observations (T + 1 of them), actions, rewards, terminations, truncations (T each)."""
+    observations (T + 1 of them), actions, rewards, terminations, truncations (T each); `offset` is added to every
+    reward (reward_offset)."""
     parts = {k: [] for k in ("observations", "actions", "rewards", "masks", "terminals", "next_observations")}
     for episode in episodes:
         obs = flatten(episode.observations, keys)
@@ -163,7 +166,7 @@ def transitions(episodes, antmaze: bool, keys: tuple[str, ...] | None = None) ->
         parts["observations"].append(obs[:-1])
         parts["next_observations"].append(obs[1:])
         parts["actions"].append(np.asarray(episode.actions, dtype=np.float32))
-        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32) - (1.0 if antmaze else 0.0))
+        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32) + offset)
         parts["masks"].append(1.0 - np.asarray(episode.terminations, dtype=np.float32))
         parts["terminals"].append(terminals)
     if not parts["actions"]:
@@ -174,11 +177,11 @@ def transitions(episodes, antmaze: bool, keys: tuple[str, ...] | None = None) ->
 def load_env_and_dataset(dataset_id: str):
     """(env, train) for a Minari dataset id: the evaluation environment and the transitions (module docstring)."""
     dataset = _load(dataset_id)
-    env = make_env(dataset_id)
+    env = make_env(dataset_id, dataset=dataset)
     keys = _flat_observation_keys(dataset.observation_space)
-    if not (len(dataset.action_space.shape) == 1):
+    if len(dataset.action_space.shape) != 1:
         raise MinariError(f"{dataset_id} has actions {dataset.action_space}; DeFlow needs a flat Box of actions")
-    train = transitions(dataset.iterate_episodes(), is_antmaze(dataset_id), keys)
+    train = transitions(dataset.iterate_episodes(), reward_offset(dataset_id), keys)
     if train["observations"].shape[1:] != env.observation_space.shape:
         raise MinariError(f"{dataset_id} has observations of shape {train['observations'].shape[1:]} but its "
                           f"environment {env.observation_space.shape}; the dataset belongs to another environment")

@@ -44,7 +44,6 @@ class Args:
 
 @dataclasses.dataclass
 class Run:
-    path: Path
     args: dict
     steps: np.ndarray
     scores: np.ndarray  # 0-100
@@ -63,7 +62,7 @@ def read_runs(folders) -> list[Run]:
                 continue
             key = "evaluation/episode.normalized_return"
             scores = [float(r[key]) if key in r else 100 * float(r["evaluation/success"]) for r in rows]
-            runs.append(Run(path, json.loads(args_file.read_text()), np.array([int(r["step"]) for r in rows]),
+            runs.append(Run(json.loads(args_file.read_text()), np.array([int(r["step"]) for r in rows]),
                             np.array(scores)))
     return runs
 
@@ -149,19 +148,21 @@ def plot_curves(curves: dict, path: Path):
     return fig
 
 
+def over_seeds(finals: np.ndarray) -> dict:
+    """Mean +- standard deviation over seeds (0 for one seed) and the seed count, as the paper reports them."""
+    return {"mean": finals.mean(), "std": finals.std(ddof=1) if len(finals) > 1 else 0.0, "seeds": len(finals)}
+
+
 def final_table(by_group: dict, curves: dict, iqm: bool) -> list[dict]:
     """Rows of the results table: one per (group, task) and one per (group, environment)."""
     rows = []
     for (label, env_name), runs in sorted(by_group.items()):
-        finals = np.array([r.scores[-1] for r in runs])
-        rows.append({"group": label, "level": "task", "name": env_name, "mean": finals.mean(),
-                     "std": finals.std(ddof=1) if len(finals) > 1 else 0.0, "seeds": len(finals),
+        rows.append({"group": label, "level": "task", "name": env_name,
+                     **over_seeds(np.array([r.scores[-1] for r in runs])),
                      "final_step": int(max(r.steps[-1] for r in runs))})
     for env, by_label in sorted(curves.items()):
         for label, (steps, per_seed) in sorted(by_label.items()):
-            finals = per_seed[:, -1]
-            row = {"group": label, "level": "environment", "name": env, "mean": finals.mean(),
-                   "std": finals.std(ddof=1) if len(finals) > 1 else 0.0, "seeds": len(finals),
+            row = {"group": label, "level": "environment", "name": env, **over_seeds(per_seed[:, -1]),
                    "final_step": int(steps[-1])}
             if iqm:
                 row.update(interquartile_mean(by_group, label, env))
@@ -194,7 +195,8 @@ def write_table(rows: list[dict], out: Path) -> None:
              + ("---|" if "iqm" in columns else "")]
     for row in rows:
         name = row["name"] if row["level"] == "task" else f"**{row['name']}** (mean of its tasks)"
-        line = f"| {row['group']} | {name} | {row['mean']:.1f} +- {row['std']:.1f} | {row['seeds']} | {row['final_step']} |"
+        line = (f"| {row['group']} | {name} | {row['mean']:.1f} +- {row['std']:.1f} | {row['seeds']} | "
+                f"{row['final_step']} |")
         if "iqm" in columns:
             line += f" {row['iqm']:.1f} [{row['iqm_low']:.1f}, {row['iqm_high']:.1f}] |" if "iqm" in row else " |"
         lines.append(line)

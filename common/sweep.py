@@ -161,68 +161,50 @@ def succeeded(handle) -> bool:
         return False
 
 
-def report(counts: dict[str, int], last: list[str]) -> None:
-    line = ", ".join(f"{n} {name}" for name, n in counts.items())
-    if [line] != last:
-        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
-        last[:] = [line]
-
-
 def run(args: Args, jobs: list[Job]) -> int:
     """Run the unfinished jobs; print done / running / failed while waiting. Returns the number of failed jobs."""
+    import submitit
+
     todo = [job for job in jobs if job.state != "finished"]
-    counts = {"done": len(jobs) - len(todo), "running": 0, "failed": 0, "waiting": len(todo)}
-    print(f"{len(jobs)} jobs: {counts['done']} finished before (skipped), "
+    print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} finished before (skipped), "
           f"{sum(j.state == 'resume' for j in todo)} to resume, {sum(j.state == 'new' for j in todo)} to start "
           f"({args.executor}, {args.jobs} at a time); logs in <sweep-dir>/<script>/<task>/seed<seed>/log.txt")
-    executor, last, failed = make_executor(args), [], []
+    executor = make_executor(args)
+    waiting, active = list(todo), []  # active: (submitit job, Job, local slot)
     if args.executor == "slurm":  # one job array; SLURM keeps --jobs of them running
         env = {"OMP_NUM_THREADS": str(args.cpus_per_job)}
-        import submitit
-
         try:
             with executor.batch():
-                submitted = [(executor.submit(run_job, job.command, str(job.job_dir), env), job) for job in todo]
+                active = [(executor.submit(run_job, job.command, str(job.job_dir), env), job, None) for job in todo]
         except submitit.core.utils.FailedJobError as e:  # sbatch said no
             sys.exit(f"error: SLURM refused the job array ({' '.join(str(e).split())[-300:]}). Check --partition, "
                      "--gpus-per-job (0 on a partition without GPUs), --cpus-per-job, --mem-gb and --time-min.")
-        print(f"submitted SLURM job array {submitted[0][0].job_id.split('_')[0]}" if submitted else "", flush=True)
-        waiting, running = [], []
-        pending = submitted
-    else:
-        slots = local_resources(args.jobs)
-        waiting, running, pending = list(todo), [], []  # running: (submitit job, Job, slot)
-    while waiting or running or pending:
-        if args.executor == "local":
-            free = [s for s in range(args.jobs) if s not in {slot for *_, slot in running}]
-            while free and waiting:
-                job, slot = waiting.pop(0), free.pop(0)
-                running.append((executor.submit(run_job, job.command, str(job.job_dir), slots[slot]), job, slot))
-            still = []
-            for handle, job, slot in running:
-                if handle.done():
-                    ok = succeeded(handle)
-                    failed += [] if ok else [job]
-                    counts["done" if ok else "failed"] += 1
-                else:
-                    still.append((handle, job, slot))
-            running = still
-            counts.update(running=len(running), waiting=len(waiting))
-        else:
-            still = []
-            for handle, job in pending:
-                if handle.done():
-                    ok = succeeded(handle)
-                    failed += [] if ok else [job]
-                    counts["done" if ok else "failed"] += 1
-                else:
-                    still.append((handle, job))
-            pending = still
-            states = [handle.state for handle, _ in pending]
+        if active:
+            print(f"submitted SLURM job array {active[0][0].job_id.split('_')[0]}", flush=True)
+        waiting = []
+    slots = local_resources(args.jobs) if args.executor == "local" else []
+    done, failed, last_line = len(jobs) - len(todo), [], None
+    while waiting or active:
+        busy = {slot for *_, slot in active}
+        for slot in [s for s in range(args.jobs) if s not in busy][: len(waiting)]:  # local: fill the free slots
+            job = waiting.pop(0)
+            active.append((executor.submit(run_job, job.command, str(job.job_dir), slots[slot]), job, slot))
+        for entry in [entry for entry in active if entry[0].done()]:
+            active.remove(entry)
+            if succeeded(entry[0]):
+                done += 1
+            else:
+                failed.append(entry[1])
+        counts = {"done": done, "running": len(active), "failed": len(failed), "waiting": len(waiting)}
+        if args.executor == "slurm":  # SLURM knows which ones run; without accounting (sacct) it may not say
+            states = [handle.state for handle, *_ in active]
             counts.update(running=states.count("RUNNING"), waiting=sum(s in ("PENDING", "REQUEUED") for s in states))
-            counts["state unknown"] = len(states) - counts["running"] - counts["waiting"]  # e.g. SLURM without sacct
-        report(counts, last)
-        if waiting or running or pending:
+            counts["state unknown"] = len(states) - counts["running"] - counts["waiting"]
+        line = ", ".join(f"{n} {name}" for name, n in counts.items())
+        if line != last_line:
+            print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+            last_line = line
+        if waiting or active:
             time.sleep(args.poll_seconds)
     for job in failed:
         print(f"failed: {job.env_name} seed {job.seed}: see {job.job_dir / 'log.txt'}")

@@ -7,8 +7,9 @@ It measures, in one run, and writes the tables to --out (README "Speed" shows th
   - Training: updates/s of deflow_offline.py's training iteration (batch draw, noise, losses, backward, target EMA,
     Adam) at each --widths (4 hidden layers in every network, batch 256, 10 flow steps, cube-single's 28-dim
     observations and 5-dim actions, random data): eager, --compile, and --compile with --precision bf16-rollouts and
-    bf16 (where bfloat16 is native: CUDA, or a CPU with AVX-512 BF16 or AMX); with --baseline, that checkout's eager and --compile as well. The variants run interleaved, a block of
-    updates each in turn for --rounds rounds, so that a slow spell of a shared machine hits them alike. Each cell is
+    bf16 (where bfloat16 is native: CUDA, or a CPU with AVX-512 BF16 or AMX); with --baseline, that checkout's eager
+    and --compile as well. The variants run interleaved, a block of updates each in turn for --rounds rounds, so
+    that a slow spell of a shared machine hits them alike. Each cell is
     the median block; a ratio is the median of the per-round ratios to the first column. Compilation is excluded
     (warm-up calls) and reported apart.
   - GFLOP/s achieved: the matmul FLOPs of one update (forward and backward, counted by torch.utils.flop_counter on

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny networks, and a tiny real OGBench dataset made with the ogbench oracles."""
 
+import csv
 import dataclasses
 import os
 import subprocess
@@ -70,6 +71,12 @@ def assert_compiled_update_equals_eager(script, make_agent, data: dict, toleranc
     for name, value in eager_state.items():
         torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=tolerance, msg=name)
     return eager_state
+
+
+def read_csv(path) -> list[dict]:
+    """The rows of a run's train.csv or eval.csv."""
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def run_script(*flags, check=True, timeout=300, script="deflow_offline.py"):

@@ -1,7 +1,6 @@
 """D4RL through Minari, without internet: tiny datasets in Minari's own format (its DataCollector and
 create_dataset_from_buffers) from the real gymnasium-robotics environments, loaded through the function users call."""
 
-import csv
 import os
 
 import gymnasium
@@ -11,7 +10,7 @@ import torch
 
 from common import d4rl
 from common.datasets import DatasetError, load_env_and_datasets, make_env
-from tests.conftest import TINY_FLAGS, run_script
+from tests.conftest import TINY_FLAGS, read_csv, run_script
 
 minari = pytest.importorskip("minari")
 from minari.data_collector import EpisodeBuffer  # noqa: E402
@@ -165,11 +164,6 @@ def test_paper_tasks_and_recipes():
     assert d4rl.TASKS["D4RL/antmaze/large-diverse-v1"] == {"q_agg": "mean", "target_divergence": 0.015}
     assert d4rl.TASKS["D4RL/pen/expert-v2"] == {"q_agg": "min", "target_divergence": 0.01}
     assert d4rl.TASKS["D4RL/relocate/human-v2"] == {"q_agg": "min", "target_divergence": 0.001}
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("dataset_id", [ANTMAZE, PEN])

@@ -1,18 +1,12 @@
 """deflow_offline.py as a user runs it: a subprocess on a tiny generated dataset with tiny networks."""
 
-import csv
 import json
 
 import pytest
 
-from tests.conftest import TINY_FLAGS, run_script
+from tests.conftest import TINY_FLAGS, read_csv, run_script
 
 ENV = "cube-single-play-singletask-task1-v0"
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def training_numbers(run_dir):

@@ -59,7 +59,7 @@ def test_euler_sampler_equals_the_plain_loop_with_time_grid_and_final_clip():
     with torch.no_grad():
         fast, reference = flow_actions(flow, obs, noise, 10), euler_reference(flow, obs, noise, 10)
         shifted_time = euler_reference(lambda o, x, t: flow(o, x, t + 0.1), obs, noise, 10)
-        x, clipped_each_step = noise, noise
+        clipped_each_step = noise
         for i in range(10):
             clipped_each_step = (clipped_each_step + flow(obs, clipped_each_step, torch.full((64, 1), i / 10)) / 10)
             clipped_each_step = clipped_each_step.clamp(-1, 1)

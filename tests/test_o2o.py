@@ -1,6 +1,5 @@
 """deflow_o2o.py: the replay buffer, the frozen flow, and the script end to end through both phases."""
 
-import csv
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 import deflow_o2o
 import deflow_offline
 from deflow_o2o import ReplayBuffer, balanced_batch, transition
-from tests.conftest import TINY_FLAGS, random_batch, run_script, tiny_agent
+from tests.conftest import TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent
 
 ENV = "cube-single-play-singletask-task1-v0"
 
@@ -122,11 +121,6 @@ def test_update_is_the_offline_update():
 # End to end: 20 offline updates, then 230 online steps (cube-single episodes last 200 steps, so one training episode
 # ends at step 220 and a second is under way). The buffer holds 300 rows, so online data wraps around over the dataset.
 # ---------------------------------------------------------------------------------------------------------------------
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def numbers(run_dir):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in read_csv(run_dir / "train.csv")]
 
