@@ -58,10 +58,13 @@ def resident_gb(pid: int | str = "self") -> float:
 
 class EnvPool:
     """`memory_gb`: the resident memory the pool added, measured when it was made (its environments in this process,
-    or its worker processes whole); about 0.15-0.2 GB per manipulation environment."""
+    or its worker processes whole); about 0.15-0.2 GB per manipulation environment. Episodes started with
+    reset(..., record=...) are recorded frame by frame for videos (`video(i)`): MuJoCo renders of state-based
+    environments, the observations themselves (the frames the agent sees) of visual ones."""
 
     def __init__(self, env_name: str, num_envs: int, workers: int = 0, max_episode_steps: int | None = None):
         self.num_envs, self.workers, self.connections = num_envs, min(workers, num_envs), []
+        self.visual, self.frames = env_name.startswith("visual-"), {}  # env index -> recorded frames
         if self.workers == 0:
             before = resident_gb()
             self.envs = _make_envs(env_name, num_envs, max_episode_steps)
@@ -81,10 +84,13 @@ class EnvPool:
         self.memory_gb = sum(resident_gb(process.pid) for process in processes)
 
     def describe(self) -> str:
+        if self.num_envs == 0:
+            return "no evaluation"
         where = "in this process"
         if self.workers:
             where = f"in {self.workers} worker process{'es' if self.workers > 1 else ''}"
-        return f"{self.num_envs} evaluation environments side by side {where} ({self.memory_gb:.2f} GB resident)"
+        return (f"{self.num_envs} evaluation environments side by side {where} ({self.memory_gb:.2f} GB resident; "
+                "--eval-envs sets how many)")
 
     def _call(self, command: str, payload: dict) -> dict:
         """Run `command` on the environments in `payload` ({env index: value}): here, or each worker its part."""
@@ -100,17 +106,34 @@ class EnvPool:
             out.update({local * self.workers + w: result for local, result in connection.recv().items()})
         return out
 
-    def reset(self, seeds: dict[int, int]) -> dict[int, np.ndarray]:
-        """{env index: seed} -> {env index: first observation}."""
-        return self._call("reset", seeds)
+    def reset(self, seeds: dict[int, int], record=()) -> dict[int, np.ndarray]:
+        """{env index: seed} -> {env index: first observation}; the episodes of the indices in `record` are recorded."""
+        observations = self._call("reset", seeds)
+        self.frames.update({i: [] if i in record else None for i in seeds})
+        self._record(observations)
+        return observations
 
     def step(self, actions: dict[int, np.ndarray]) -> dict[int, tuple]:
         """{env index: action} -> {env index: (obs, reward, terminated, truncated, success)}."""
-        return self._call("step", actions)
+        results = self._call("step", actions)
+        self._record({i: result[0] for i, result in results.items()})
+        return results
+
+    def _record(self, observations: dict[int, np.ndarray]) -> None:
+        recorded = [i for i in observations if self.frames.get(i) is not None]
+        if recorded:
+            frames = {i: observations[i] for i in recorded} if self.visual else self.render(recorded)
+            for i, frame in frames.items():
+                self.frames[i].append(frame)
 
     def render(self, indices: list[int]) -> dict[int, np.ndarray]:
-        """{env index: RGB frame (H, W, 3) uint8 of its current state}, for videos."""
+        """{env index: RGB frame (H, W, 3) uint8 of its current state}."""
         return self._call("render", dict.fromkeys(indices))
+
+    def video(self, i: int) -> np.ndarray | None:
+        """The frames (T, H, W, 3) of environment i's episode since its last reset, if that one was recorded."""
+        frames = self.frames.pop(i, None)
+        return np.stack(frames) if frames else None
 
     def close(self) -> None:
         for connection in self.connections:
