@@ -1,5 +1,6 @@
-"""Shared by the DeFlow scripts: data (OGBench loading and generation, D4RL through Minari), evaluation environments,
-the IAV heuristic, and the tools around the scripts (recipes, sweeps, plots)."""
+"""What the three DeFlow scripts import, and nothing else: data (datasets: OGBench loading; generate: local dataset
+generation; d4rl: D4RL through Minari), envs (evaluation environments side by side), iav (the IAV heuristic of
+--target-divergence auto) and runs (a run's command line and files). The tools around the scripts are in tools/."""
 
 import os
 import warnings

@@ -151,12 +151,14 @@ class RunLog:
 
 def check_compiler(device: torch.device) -> None:
     """--compile needs a C++ compiler (CPU) or Triton (CUDA): a one-line function compiled first turns a missing one
-    into one clear line instead of a traceback at the first update."""
+    into one clear line instead of a traceback at the first update. Then it says what compiling will cost."""
     try:
         torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
     except torch._dynamo.exc.BackendCompilerFailed as e:
         sys.exit(f"error: torch.compile does not work here ({str(e).strip().splitlines()[0]}); "
                  f"run with --no-compile (the eager code: the same results, slower)")
+    print("--compile: the first update and the first logging step compile first (a minute or so each; --no-compile "
+          "skips this)")
 
 
 class NonFiniteWatch:

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n N: N test processes share the cores, one thread each (with the
     os.environ["OMP_NUM_THREADS"] = "1"  # scripts they start), or their OpenMP threads would wait on each other
     torch.set_num_threads(1)
+# bfloat16 matmuls are native on CUDA and on CPUs with AVX-512 BF16 or AMX; elsewhere they are emulated, many times
+# slower than float32, and the tests that train in bfloat16 skip.
+NATIVE_BF16 = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 TINY_NETS = dict(actor_hidden_dims=(32, 32), refine_hidden_dims=(32, 32), value_hidden_dims=(32, 32))
 TINY_FLAGS = ["--actor-hidden-dims", "32", "32", "--refine-hidden-dims", "32", "32", "--value-hidden-dims", "32", "32",
               "--batch-size", "32", "--no-compile"]
@@ -44,6 +47,13 @@ def random_batch(batch_size=32, obs_dim=3, action_dim=2, seed=0):
     }
 
 
+def draw_batch(script, data: dict, args):
+    """A training batch drawn as the script's loop draws it (pixels: stacked and shifted frames)."""
+    if script.__name__ == "deflow_pixels":
+        return script.sample_batch(data, args.batch_size, args.frame_stack, args.p_aug)
+    return script.sample_batch(data, args.batch_size)
+
+
 def losses_of(agent, batch, args, script=deflow_offline, with_mse=False):
     """script.deflow_losses on `batch` with fresh draws from the global torch stream."""
     noise = script.update_noise(*batch["actions"].shape, batch["actions"].device, with_mse)
@@ -60,8 +70,8 @@ def assert_compiled_update_equals_eager(script, make_agent, data: dict, toleranc
         agent, args = make_agent()
         optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, fused=True)
         torch.manual_seed(7)
-        metrics = [script.train_step(agent, optimizer, data, args, with_mse=step == 2, losses=losses)
-                   for step in range(3)]
+        metrics = [script.update(agent, optimizer, draw_batch(script, data, args), args, with_mse=step == 2,
+                                 losses=losses) for step in range(3)]
         results.append((metrics, agent.state_dict()))
     (eager_metrics, eager_state), (compiled_metrics, compiled_state) = results
     for eager, compiled in zip(eager_metrics, compiled_metrics):

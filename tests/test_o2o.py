@@ -1,12 +1,13 @@
 """deflow_o2o.py: the replay buffer, the frozen flow, and the script end to end through both phases."""
 
 
+import numpy as np
 import pytest
 import torch
 
 import deflow_o2o
 import deflow_offline
-from deflow_o2o import ReplayBuffer, balanced_batch, transition
+from deflow_o2o import ReplayBuffer, draw_batch, resume_episode, transition
 from tests.conftest import TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent
 
 ENV = "cube-single-play-singletask-task1-v0"
@@ -40,6 +41,13 @@ def test_buffer_starts_as_the_dataset_and_appends_at_the_end():
     assert buffer.sample(1000)["observations"][:, 0].max() <= 102  # sampling never reaches the empty rows
 
 
+def test_buffer_smaller_than_the_dataset_keeps_room_for_one_online_transition():
+    buffer = ReplayBuffer(dataset(10), capacity=4)  # --buffer-size below the dataset's size
+    assert buffer.capacity == 11 and len(buffer.data["observations"]) == 11 and buffer.size == 10
+    buffer.add(online_transition(100))
+    assert buffer.size == 11 and buffer.pointer == 0 and buffer.data["observations"][10, 0] == 100
+
+
 def test_buffer_wraps_around_overwriting_the_oldest_rows():
     buffer = ReplayBuffer(dataset(10), capacity=12)
     for value in range(100, 105):  # rows 10, 11, then 0, 1, 2
@@ -67,10 +75,14 @@ def test_buffer_online_state_restores_the_same_buffer():
 def test_balanced_batch_takes_half_from_each_part():
     data = dataset(50, reward=0.0)
     online = ReplayBuffer({k: v[:0] for k, v in data.items()}, capacity=8)  # empty, as --balanced-sampling makes it
+    assert draw_batch(online, data, 64, online=False)["rewards"].eq(0).all()  # offline: the dataset only
     online.add(online_transition(7))  # sampling with replacement works from the first online transition
-    batch = balanced_batch(data, online, 64)
+    batch = draw_batch(online, data, 64, online=True)
     assert batch["rewards"][:32].eq(0).all() and batch["rewards"][32:].eq(1).all()
     assert batch["observations"][32:, 0].eq(7).all()
+    together = ReplayBuffer(data, capacity=60)  # without --balanced-sampling (no dataset apart): the buffer only
+    together.add(online_transition(7))
+    assert set(draw_batch(together, None, 5000, online=True)["observations"][:, 0].tolist()) == set(range(50)) | {7}
 
 
 @pytest.mark.parametrize("terminated, truncated, terminal, mask", [
@@ -82,6 +94,32 @@ def test_balanced_batch_takes_half_from_each_part():
 def test_transition_masks_and_terminals(terminated, truncated, terminal, mask):
     t = online_transition(0, terminated=terminated, truncated=truncated)
     assert (t["terminals"], t["masks"]) == (terminal, mask)
+
+
+class CountingEnv:
+    """obs = seed + drift + the sum of the actions since the reset: deterministic unless `drift` changed."""
+
+    def __init__(self, drift=0.0):
+        self.drift, self.obs = drift, None
+
+    def reset(self, seed):
+        self.obs = np.array([seed + self.drift])
+        return self.obs, {}
+
+    def step(self, action):
+        self.obs = self.obs + action
+        return self.obs, 0.0, False, False, {}
+
+
+def test_resume_episode_replays_the_interrupted_episode_or_starts_a_new_one(capsys):
+    saved = {"done": False, "obs": torch.tensor([12.0]), "seed": 3, "ret": 1.5, "started": 4, "exploration": {},
+             "actions": torch.tensor([[4.0], [5.0]])}
+    episode = resume_episode(CountingEnv(), saved)
+    assert not episode.done and episode.obs.tolist() == [12.0] and (episode.ret, episode.started) == (1.5, 4)
+    assert [a.tolist() for a in episode.actions] == [[4.0], [5.0]] and "warning" not in capsys.readouterr().out
+    assert resume_episode(CountingEnv(drift=1.0), saved).done  # not reproduced: a new episode, with a warning
+    assert "warning: replaying the interrupted training episode" in capsys.readouterr().out
+    assert resume_episode(CountingEnv(), {**saved, "done": True, "obs": None}).done  # between episodes: nothing to do
 
 
 def flow_state(agent):

@@ -188,16 +188,24 @@ def test_update_moves_the_target_encoder_by_ema_only():
     assert not torch.equal(before["flow.encoder.head.0.weight"], after["flow.encoder.head.0.weight"])
 
 
-def test_samplers_are_batched_and_in_bounds():
+def test_encoders_run_once_per_observation_and_network():
+    """Features are reused within an update: every Euler step, the base actions, the Q loss and the `mse` metric."""
     agent, args = tiny_agent()
-    obs = pixel_batch(batch=4)["observations"]
-    for sampler, shape in (("flow", (4, 5)), ("max-q", (4, 3, 5)), ("iterative", (4, 5))):
-        run_args = dataclasses.replace(args, eval_sampler=sampler, num_samples=3, refine_steps=2)
-        noise = torch.randn(*shape)
-        actions = dp.eval_actions(agent, obs, noise, run_args)
-        assert actions.shape == (4, 5) and actions.abs().max() <= 1
-        rowwise = torch.cat([dp.eval_actions(agent, obs[i:i + 1], noise[i:i + 1], run_args) for i in range(4)])
-        torch.testing.assert_close(actions, rowwise, atol=1e-5, rtol=1e-5)
+    calls = dict.fromkeys(("flow", "refine", "critic", "target_critic"), 0)
+    for name in calls:
+        getattr(agent, name).encoder.register_forward_hook(lambda *_, name=name: calls.update({name: calls[name] + 1}))
+    losses_of(agent, pixel_batch(), args, script=dp, with_mse=True)
+    assert calls == {"flow": 2, "refine": 2, "critic": 1, "target_critic": 1}  # s and s'; s; s'
+
+
+def test_policy_is_batched_and_in_bounds():
+    """pi(s) of a batch is each row's pi(s) alone. (The max-q and iterative samplers left the scripts.)"""
+    agent, args = tiny_agent()
+    obs, noise = pixel_batch(batch=4)["observations"], torch.randn(4, 5)
+    actions = dp.sample_actions(agent, obs, noise, args.flow_steps)
+    assert actions.shape == (4, 5) and actions.abs().max() <= 1
+    rowwise = torch.cat([dp.sample_actions(agent, obs[i:i + 1], noise[i:i + 1], args.flow_steps) for i in range(4)])
+    torch.testing.assert_close(actions, rowwise, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -6,9 +6,9 @@ import torch
 
 import deflow_offline
 from common.envs import EnvPool
-from deflow_offline import evaluate, train_step
-from tests.conftest import (TINY_FLAGS, assert_compiled_update_equals_eager, random_batch, run_script,
-                            tiny_agent)
+from common.runs import write_video
+from deflow_offline import evaluate, sample_batch, update
+from tests.conftest import TINY_FLAGS, assert_compiled_update_equals_eager, random_batch, run_script, tiny_agent
 
 ENV = "cube-single-play-singletask-task1-v0"
 
@@ -48,7 +48,7 @@ def test_compiled_training_draws_fresh_independent_noise(compiled_losses, monkey
     monkeypatch.setattr(deflow_offline, "update_noise", lambda *a, **k: draws.append(real_update_noise(*a, **k)) or
                         draws[-1])
     for _ in range(16):
-        train_step(agent, optimizer, data, args, losses=compiled_losses)
+        update(agent, optimizer, sample_batch(data, args.batch_size), args, losses=compiled_losses)
     assert len(draws) == 16
     uses = {name: torch.stack([d[name] for d in draws]) for name in ("next_actions", "x_0", "base_actions")}
     for name, x in uses.items():  # (16 steps, 32, 5)
@@ -77,7 +77,7 @@ def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
     seen = {}
 
     def noise_as_action(name):
-        def policy(agent, obs, noise, args):
+        def policy(agent, obs, noise, flow_steps):
             seen.setdefault(name, []).extend(zip(map(bytes, noise.numpy()), map(bytes, obs.numpy())))
             return noise.clamp(-1, 1)
         return policy
@@ -100,8 +100,9 @@ def test_side_by_side_policy_calls_match_one_state_at_a_time():
     agent, args = tiny_agent()
     obs, noise = torch.randn(5, 3), torch.randn(5, 2)
     with torch.no_grad():
-        batched = deflow_offline.eval_actions(agent, obs, noise, args)
-        alone = torch.cat([deflow_offline.eval_actions(agent, obs[i:i + 1], noise[i:i + 1], args) for i in range(5)])
+        batched = deflow_offline.sample_actions(agent, obs, noise, args.flow_steps)
+        alone = torch.cat([deflow_offline.sample_actions(agent, obs[i:i + 1], noise[i:i + 1], args.flow_steps)
+                           for i in range(5)])
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
 
 
@@ -132,6 +133,6 @@ def test_videos_record_the_first_episodes_in_this_process_and_in_workers(tmp_pat
     assert sorted(videos) == [0, 1] and videos[0].shape == (4, 200, 200, 3)  # the reset frame + 3 steps
     assert all(np.array_equal(videos[j], videos_workers[j]) for j in videos)
     assert not np.array_equal(videos[0][0], videos[0][-1])  # the arm moved
-    deflow_offline.write_video(tmp_path / "episode.mp4", videos[0])
+    write_video(tmp_path / "episode.mp4", videos[0])
     assert [p.name for p in tmp_path.iterdir()] == ["episode.mp4"]  # no temporary file left behind
     assert len(imageio.mimread(tmp_path / "episode.mp4")) == 4

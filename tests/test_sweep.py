@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from common import plot, recipes, sweep
+from tools import plot, recipes, sweep
 from tests.conftest import ROOT, TINY_FLAGS
 
 submitit = pytest.importorskip("submitit")
@@ -21,7 +21,7 @@ TASKS = ["cube-single-play-singletask-task1-v0", "cube-single-play-singletask-ta
 
 def sweep_command(sweep_dir, dataset, steps=6, interval=3, tasks=TASKS):
     """`tasks` x 2 seeds, 2 jobs at a time; a checkpoint, a log line and an evaluation every `interval` updates."""
-    return [sys.executable, "-m", "common.sweep", "--env-names", *tasks, "--seeds", "0", "1", "--jobs", "2",
+    return [sys.executable, "-m", "tools.sweep", "--env-names", *tasks, "--seeds", "0", "1", "--jobs", "2",
             "--sweep-dir", str(sweep_dir), "--poll-seconds", "0.5", "--save-interval", str(interval), "--",
             "--dataset-path", str(dataset), "--offline-steps", str(steps), "--log-interval", str(interval),
             "--eval-interval", str(interval), "--eval-episodes", "1", *TINY_FLAGS]
@@ -80,7 +80,7 @@ def test_a_killed_job_resumes_from_its_checkpoint(tmp_path, cube_dataset):
 
 
 def test_dry_run_prints_the_scripts_own_commands_with_the_recipe():
-    result = subprocess.run([sys.executable, "-m", "common.sweep", "--env-names", "puzzle-3x3-play",
+    result = subprocess.run([sys.executable, "-m", "tools.sweep", "--env-names", "puzzle-3x3-play",
                              "D4RL/pen/cloned-v2", "--seeds", "0", "1", "--recipe", "paper", "--dry-run", "--sweep-dir",
                              "/tmp/never", "--", "--target-divergence", "0.002"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -110,13 +110,11 @@ def test_slurm_submission(tmp_path, monkeypatch):
     assert len(jobs) == 10 and all(job.command[-2:] == ["--offline-steps", "1000"] for job in jobs)
 
 
-def test_readme_recipe_table_is_the_launchers():
-    readme = (ROOT / "README.md").read_text()
-    for name, (discount, q_agg, delta) in recipes.OGBENCH.items():
-        row = next(line for line in readme.splitlines() if line.startswith("| ") and f" {name}" in line.split("|")[1])
-        assert row.split("|")[2:5] == [f" {discount} ", f" {q_agg} ", f" {delta} "], row
-    for name, delta in recipes.PIXELS.items():
-        assert f"| {name}-singletask-task1-v0 | {delta} |" in readme
+def test_recipes_of_the_launcher():
+    assert recipes.recipe("cube-double-play-singletask-task2-v0") == {"discount": 0.99, "q_agg": "mean",
+                                                                      "target_divergence": 0.001}
+    assert recipes.recipe("visual-puzzle-3x3-play-singletask-task1-v0") == {"target_divergence": 0.0005,
+                                                                            "offline_steps": 500_000}
     assert recipes.recipe("D4RL/door/human-v2") == {"discount": 0.99, "q_agg": "min", "target_divergence": 0.001,
                                                     "offline_steps": 500_000}
     assert recipes.expand(["D4RL/antmaze"]) == [t for t in recipes.d4rl.TASKS if "antmaze" in t]

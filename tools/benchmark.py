@@ -1,9 +1,9 @@
 """Speed benchmark, run on request (not part of the test suite):
 
-    python -m tests.benchmark                          # this checkout; on CUDA when present, else the CPU
-    python -m tests.benchmark --baseline ../deflow-old # and another checkout of this project, side by side
+    python -m tools.benchmark                          # this checkout; on CUDA when present, else the CPU
+    python -m tools.benchmark --baseline ../deflow-old # and another checkout of this project, side by side
 
-It measures, in one run, and writes the tables to --out (README "Speed" shows them):
+It measures, in one run, and writes the tables to --out (docs/speed.md shows them):
   - Training: updates/s of deflow_offline.py's training iteration (batch draw, noise, losses, backward, target EMA,
     Adam) at each --widths (4 hidden layers in every network, batch 256, 10 flow steps, cube-single's 28-dim
     observations and 5-dim actions, random data): eager, --compile, and --compile with --precision bf16-rollouts and
@@ -12,6 +12,9 @@ It measures, in one run, and writes the tables to --out (README "Speed" shows th
     that a slow spell of a shared machine hits them alike. Each cell is
     the median block; a ratio is the median of the per-round ratios to the first column. Compilation is excluded
     (warm-up calls) and reported apart.
+  - With --tricks, two rewrites of the update that the scripts leave out, each alone on top of --compile, to show what
+    each would pay: the tanh-GELU written as x * sigmoid(2u) when compiled, and the flow's first layer split so that
+    the observation's part W_s s is computed once per rollout instead of at every Euler step (the same math).
   - GFLOP/s achieved: the matmul FLOPs of one update (forward and backward, counted by torch.utils.flop_counter on
     the eager update) times updates/s.
   - Evaluation: seconds and resident memory of --eval-episodes episodes on a real environment with an untrained 4x512
@@ -29,6 +32,7 @@ import resource
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -59,6 +63,8 @@ class Args:
     """times each evaluation row runs (in turns)"""
     env_name: str = "cube-single-play-singletask-task1-v0"
     """OGBench environment of the evaluation rows"""
+    tricks: bool = False
+    """also time the two rewrites the scripts leave out (see above), each alone on top of --compile"""
     out: str = "runs/benchmark-{device}.md"
     """where the tables go ({device} is replaced)"""
 
@@ -91,15 +97,54 @@ def make_step(script, width: int, device: torch.device, compiled: bool, precisio
         step_fn = torch.compile(script.train_step, mode=mode) if compiled else script.train_step
         return lambda data: step_fn(agent, optimizer, data, args), agent, args, optimizer
     args.precision = precision
+    batch_size = args.batch_size
     optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)
     losses = torch.compile(script.deflow_losses, mode=mode) if compiled else script.deflow_losses
 
     def step(data):
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        return script.train_step(agent, optimizer, data, args, losses=losses)
+        return script.update(agent, optimizer, script.sample_batch(data, batch_size), args, losses=losses)
 
     return step, agent, args, optimizer
+
+
+class SigmoidGELU(torch.nn.Module):
+    """The tanh-GELU 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as x * sigmoid(2u) (the same
+    function) when compiled."""
+
+    def __init__(self, approximate: str = "tanh"):
+        super().__init__()
+
+    def forward(self, x):
+        if torch.compiler.is_compiling():
+            return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def split_flow_actions(flow, obs, noise, flow_steps):
+    """flow_actions with the flow's first layer W [s, x, t] + b split as W_s s + (W_x x + b + t W_t): W_s s once."""
+    first, rest = flow.net[0], flow.net[1:]
+    w_s, w_x, w_t = first.weight.split([obs.shape[-1], noise.shape[-1], 1], dim=1)
+    obs_part = torch.nn.functional.linear(obs, w_s)
+    x = noise
+    for i in range(flow_steps):
+        velocity = rest(obs_part + torch.nn.functional.linear(x, w_x, first.bias + i / flow_steps * w_t[:, 0]))
+        x = x + velocity / flow_steps
+    return x.clamp(-1, 1)
+
+
+def with_trick(trick: str):
+    """A copy of this checkout's deflow_offline module with one rewrite in place."""
+    spec = importlib.util.spec_from_file_location(f"deflow_offline_{trick}", Path(deflow_offline.__file__))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if trick == "gelu":
+        module.nn = types.SimpleNamespace(**{**vars(torch.nn), "GELU": SigmoidGELU})
+    else:
+        module.flow_actions = split_flow_actions
+    return module
 
 
 def update_flops(width: int, data: dict, device: torch.device) -> int:
@@ -121,6 +166,9 @@ def training_rows(args: Args, device: torch.device, baseline) -> tuple[list[str]
     if native_bf16(device):
         variants += [("--compile, bf16-rollouts", deflow_offline, True, "bf16-rollouts"),
                      ("--compile, bf16", deflow_offline, True, "bf16")]
+    if args.tricks:
+        variants += [("--compile, GELU as x sigmoid(2u)", with_trick("gelu"), True, "float32"),
+                     ("--compile, first layer split", with_trick("split"), True, "float32")]
     if baseline is not None:
         variants = [("baseline eager", baseline, False, "float32"), ("baseline --compile", baseline, True, "float32"),
                     *variants]
@@ -184,7 +232,8 @@ def evaluation_rows(args: Args, device: torch.device, baseline) -> list[list[str
                                          value_hidden_dims=hidden)
         torch.manual_seed(0)
         agent = script.DeFlowAgent(OBS_DIM, ACTION_DIM, agent_args).to(device)
-        policy = torch.compile(script.eval_actions, dynamic=True) if compiled else script.eval_actions
+        policy = getattr(script, "eval_actions", script.sample_actions)  # an older checkout: eval_actions
+        policy = torch.compile(policy, dynamic=True) if compiled else policy
         if compiled:
             script.evaluate(agent, pools[num_envs], 2 * num_envs, agent_args, seed=10_000, policy=policy)  # compiles
         runs.append((script, agent, agent_args, policy, []))

@@ -1,8 +1,8 @@
 """Learning curves and a results table from runs: every run directory below the given folders (the ones that hold
 args.json and eval.csv, e.g. a sweep's), grouped by script, environment and every flag that differs between them.
 
-    python -m common.plot sweeps/sweep                  # writes sweeps/sweep/curves.png, results.md, results.csv
-    python -m common.plot runs/ --iqm                    # also the interquartile mean with bootstrap intervals
+    python -m tools.plot sweeps/sweep                  # writes sweeps/sweep/curves.png, results.md, results.csv
+    python -m tools.plot runs/ --iqm                    # also the interquartile mean with bootstrap intervals
 
 The score is evaluation/episode.normalized_return (D4RL) or evaluation/success x 100 (OGBench). Curves: the mean
 over seeds with a 95% confidence band (Student t over seeds, cut at the scores' range) and each seed faintly, one
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from common.recipes import dataset_of
+from tools.recipes import dataset_of
 
 IGNORED = {"seed", "run_dir", "resume", "track", "wandb_project_name", "wandb_entity", "save_interval", "device",
            "env_name", "dataset_path", "dataset_dir", "num_workers", "generate_episodes", "eval_workers",

@@ -1,6 +1,6 @@
-"""The paper's per-task settings in one place: the sweep launcher's --recipe paper and README's recipe tables use these
-(tests/test_sweep.py checks that the README agrees). Every other flag keeps the scripts' defaults, which are the
-paper's. The scripts' docstrings repeat the tables for readers of one file.
+"""The paper's per-task settings in one place: the sweep launcher's --recipe paper uses these, and README's recipe
+table is checked against them (tests/test_sweep.py). Every other flag keeps the scripts' defaults, which are the
+paper's. `python -m tools.recipes` prints the table (README's, in Markdown).
 
 Also the task sets: an OGBench dataset name without a task ('cube-double-play') stands for its 5 tasks, 'D4RL/antmaze'
 and 'D4RL/adroit' for their D4RL datasets.
@@ -67,3 +67,25 @@ def expand(names: list[str]) -> list[str]:
         else:
             out.append(name)
     return list(dict.fromkeys(out))
+
+
+def markdown_table() -> str:
+    """README's recipe table: every task family of the paper with its script (deflow_<script>.py), updates
+    (--offline-steps) and flags."""
+    rows = ["| tasks | script | updates | --discount | --q-agg | --target-divergence |", "|---|---|---|---|---|---|"]
+    for name, (discount, q_agg, delta) in OGBENCH.items():
+        rows.append(f"| {name} | offline | 1M | {discount} | {q_agg} | {delta} |")
+    for name, delta in PIXELS.items():
+        rows.append(f"| {name} (task1) | pixels | {PIXEL_STEPS // 1000}k | 0.99 | mean | {delta} |")
+    for group in ("antmaze", "pen", "door", "hammer", "relocate"):
+        tasks = [t for t in d4rl.TASKS if t.split("/")[1] == group]
+        names = "{" + ", ".join(t.split("/")[2].rsplit("-v", 1)[0] for t in tasks) + "}"
+        version = tasks[0].rsplit("-", 1)[1]
+        r = recipe(tasks[0])
+        rows.append(f"| D4RL/{group}/{names}-{version} | offline | {D4RL_STEPS // 1000}k | {r['discount']} | "
+                    f"{r['q_agg']} | {r['target_divergence']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,9 +1,9 @@
 """Many runs: one script over tasks x seeds, on this machine or a SLURM cluster, through submitit.
 
-    python -m common.sweep --script deflow_offline.py --env-names cube-single-play --seeds 0 1 2 --jobs 2 \\
+    python -m tools.sweep --script deflow_offline.py --env-names cube-single-play --seeds 0 1 2 --jobs 2 \\
         --recipe paper -- --offline-steps 100000         # flags after -- go to every run unchanged
-    python -m common.sweep ... --executor slurm --partition gpu --gpus-per-job 1 --time-min 1440
-    python -m common.sweep ... --dry-run                 # print the commands only
+    python -m tools.sweep ... --executor slurm --partition gpu --gpus-per-job 1 --time-min 1440
+    python -m tools.sweep ... --dry-run                 # print the commands only
 
 Each job is the script's own command line (printed by --dry-run; runnable by hand). Job (task, seed) lives in
 <sweep-dir>/<script>/<task>/seed<seed>/: the run directory the script makes there, and log.txt (the script's output).
@@ -28,7 +28,7 @@ from typing import Literal, Optional
 
 import tyro
 
-from common import recipes
+from tools import recipes
 from common.d4rl import run_name_of
 
 ROOT = Path(__file__).resolve().parents[1]
