@@ -106,6 +106,7 @@ def test_side_by_side_policy_calls_match_one_state_at_a_time():
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles in a subprocess again; compiled == eager is checked above in the default run
 def test_compile_flag_end_to_end(tmp_path, cube_dataset):
     """deflow_o2o.py --compile through both phases (compiled update and evaluation policy), as a user runs it."""
     result = run_script("--env-name", ENV, "--dataset-path", cube_dataset, "--run-dir", tmp_path, "--offline-steps", 3,

@@ -58,6 +58,7 @@ def test_sweep_runs_every_job_and_a_rerun_skips_them(small_sweep):
                 assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 3, 6]
 
 
+@pytest.mark.slow  # kills a real training job mid-run and reruns the sweep: about 30 s of both cores
 def test_a_killed_job_resumes_from_its_checkpoint(tmp_path, cube_dataset):
     """Kill a sweep while its jobs run (after their first checkpoint), rerun it: they continue from the checkpoint."""
     process = subprocess.Popen(sweep_command(tmp_path, cube_dataset, 400, 100, TASKS[:1]), cwd=ROOT,
