@@ -503,6 +503,9 @@ if __name__ == "__main__":
         "exploration/success": nan, "exploration/episode.return": nan, "exploration/episode.length": nan,
         "exploration/episodes": 0})
     if resumed:  # its online rows, noise stream and training episode too
+        if "episode" not in checkpoint:
+            sys.exit(f"error: {args.resume} was written by an older deflow_o2o.py (commit 1643246 or before), whose "
+                     "training-episode state this one does not read; finish it with that version")
         try:
             buffer.load_online_state(checkpoint["buffer"])
         except ValueError as e:

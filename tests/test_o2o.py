@@ -242,3 +242,12 @@ def test_fix_bc_flow_online_freezes_the_flow_in_the_script(runs):
 def test_visual_environments_are_refused_clearly():
     result = run_o2o("--env-name", "visual-cube-single-play-singletask-task1-v0", check=False)
     assert result.returncode != 0 and "deflow_pixels.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_of_the_older_o2o_layout_is_refused_clearly(runs, tmp_path):
+    """deflow_o2o.py checkpoints from before the minimal rewrite stored the training episode under "online"."""
+    checkpoint = torch.load(runs["A_dir"] / "checkpoint.pt", weights_only=True)
+    checkpoint["online"] = checkpoint.pop("episode")
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    result = run_o2o("--resume", tmp_path / "checkpoint.pt", "--online-steps", 240, check=False)
+    assert result.returncode != 0 and "older deflow_o2o.py" in result.stderr and "Traceback" not in result.stderr
