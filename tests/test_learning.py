@@ -26,9 +26,9 @@ def bandit_dataset(n=4096, seed=0):
             "rewards": -4 * (x - BEST_X).square(), "masks": torch.zeros(n)}  # masks 0: one step, no bootstrapping
 
 
-@pytest.mark.parametrize("precision", ["float32", pytest.param("bf16", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("precision", ["float32", pytest.param("bf16", marks=[pytest.mark.slow, pytest.mark.skipif(
     not NATIVE_BF16, reason="bfloat16 is emulated on this CPU (no AVX-512 BF16 / AMX): minutes, and no --precision bf16 "
-    "user would run here"))])
+    "user would run here")])])
 def test_deflow_picks_the_best_mode_and_stays_on_the_data(precision):
     """With every matmul in bfloat16 (--precision bf16) too: it must learn as well."""
     torch.manual_seed(0)
