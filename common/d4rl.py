@@ -1,41 +1,52 @@
-"""D4RL AntMaze and Adroit through Minari: the paper's 18 D4RL tasks, with the official code's conventions.
+"""D4RL AntMaze and Adroit through Minari: the paper's 18 D4RL tasks, scored as D4RL scored them.
 
 The official code reaches D4RL through the `d4rl` package (gym 0.21 and mujoco-py, which no longer install on a
 current Python). Its maintained successor is Minari, which holds the same tasks as datasets named
 D4RL/<task>/<dataset>-vN (AntMaze re-collected in gymnasium-robotics' AntMaze, Adroit converted from the D4RL files),
-with the environments of gymnasium-robotics. The scripts take these ids as --env-name; everything D4RL-specific lives
-here, and common/datasets.py hands Minari ids to it.
+with the environments of gymnasium-robotics. Minari's files differ from D4RL's in ways that change the task, and this
+module puts D4RL's definitions back (each from the D4RL source named at its constant):
 
 Transitions, from Minari's episodes (an episode stores T + 1 observations for T actions):
-  - (obs[t], action[t], reward[t], obs[t + 1]) within each episode, episodes concatenated in order.
-  - terminals = 1 on the last transition of every episode. (Officially: where the next observation does not continue
-    the trajectory, or D4RL's terminal; Minari's episode boundaries say this directly.)
-  - masks = 1 - terminations: only a true termination stops bootstrapping, never a time limit (a truncation).
-  - AntMaze: rewards - 1, so {-1, 0} (online too: `reward_offset`). Adroit: rewards unchanged.
-  - Actions clipped to [-1 + 1e-5, 1 - 1e-5], as for every dataset (common/datasets.py does it).
+  - (obs[t], action[t], reward[t], obs[t + 1]) within each episode, episodes concatenated in order; terminals = 1 on
+    the last transition of every episode; actions clipped to [-1 + 1e-5, 1 - 1e-5] (common/datasets.py).
+  - Adroit: rewards as stored, masks = 1 - terminations (a time limit never stops bootstrapping).
+  - AntMaze: Minari collected every episode with a goal of its own (continuing_task=True, reset_target=False), so its
+    stored rewards follow goals the policy never sees and no episode terminates. D4RL relabelled its AntMaze data to
+    the task's one evaluation goal (scripts/generation/relabel_antmaze_rewards.py): reward = terminal = 1 where the
+    next position is within 0.5 of the goal. Here likewise, from the data's own positions (achieved_goal), with the
+    goal cell's centre; then the official -1 shift (FQL's envs/d4rl_utils.py): rewards {-1, 0}, masks 0 exactly on
+    the goal transitions.
   - No validation split: D4RL has none, so the scripts log no validation/* metrics for these datasets.
 Observations. Adroit's are flat vectors. Minari's AntMaze observation is a dict: `observation` (the ant's qpos without
-x and y, then qvel: 27 numbers), `achieved_goal` (x, y) and `desired_goal` (the goal's x, y). The networks see
-[achieved_goal, observation] = [x, y, qpos[2:], qvel], 29 numbers in the order of D4RL's AntMaze observation
-(qpos[:15], qvel[:14]), so they carry what D4RL's did. `desired_goal` is left out, as D4RL's observation had no goal:
-each AntMaze task has one evaluation goal that the policy learns to reach, and the goals the data collector moved
-between would mean nothing at evaluation.
-Evaluation runs on the dataset's own evaluation environment (`recover_environment(eval_env=True)`; the dataset's
-environment when it has none). AntMaze episodes end when the goal is reached (gymnasium-robotics' continuing_task
-False), as D4RL's evaluation AntMaze did, so the raw return is 1 at success and 0 otherwise. Scores:
-evaluation/episode.normalized_return = 100 (return - ref_min) / (ref_max - ref_min), with D4RL's reference scores 0
-and 1 for AntMaze (so it is 100 x the success rate) and the reference scores Minari stores with the dataset for the
-others (for Adroit, D4RL's own).
+x and y, then qvel: 27 numbers), `achieved_goal` (x, y) and `desired_goal`. The networks see [achieved_goal,
+observation] = [x, y, qpos[2:], qvel], the 29 numbers of D4RL's AntMaze observation in its order; the goal is left
+out, as D4RL's observation had none.
+Evaluation environments, D4RL's tasks on gymnasium-robotics' environments:
+  - AntMaze: the maze of D4RL's antmaze-*-v2 (ANTMAZE_MAPS, checked wall for wall against the data's maze), its start
+    and goal cells, its horizon (700 umaze, 1000 otherwise), and its goal test: reward 1 and the episode's end within
+    0.5 of the goal (gymnasium-robotics: 0.45), so the return is 1 at success and 0 otherwise. Minari's own
+    evaluation spec is not used: for both umaze datasets it holds a mirrored U-maze whose walls the data never saw
+    (Minari#304). Online (deflow_o2o.py) the same environment gives the same reward and mask as the relabelled data.
+  - Adroit: D4RL's horizons (pen 100 steps, door, hammer and relocate 200; gymnasium-robotics registers 200 for all),
+    the pen episode ends when the pen drops (D4RL's pen_v0.py; gymnasium-robotics' pen never ends), and door, hammer
+    and relocate return D4RL's reward, recomputed from the simulator's state (gymnasium-robotics 1.2.1-1.4.2 add the
+    hand-to-object distance term where D4RL subtracts it).
+Scores: evaluation/episode.normalized_return = 100 (return - ref_min) / (ref_max - ref_min) with D4RL's reference
+scores (d4rl/infos.py; REFERENCE_SCORES), whatever the Minari dataset stores (a difference is printed once).
 
-Minari's datasets are regenerated, not the D4RL files: numbers compare with the paper only approximately.
+What stays different from D4RL: Minari re-collected AntMaze with gymnasium's ant (another timestep and motor gear)
+and samples goals and starts with its own noise; the stored Adroit rewards of door, hammer and relocate are trained
+on as Minari stores them. Numbers compare with the paper only approximately.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
+import gymnasium
 import numpy as np
 
 ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
@@ -49,6 +60,34 @@ TASKS = {
 }
 
 
+# D4RL's AntMaze tasks as gymnasium-robotics maze maps (1 wall, "r" start, "g" goal). D4RL (d4rl/locomotion/
+# maze_env.py: U_MAZE_TEST, BIG_MAZE_TEST, HARDEST_MAZE_TEST) draws row i at y = 4i - 4, gymnasium-robotics at
+# y = 2H - 4(i + 0.5): the same list is the maze mirrored in y. Medium and large keep D4RL's cells in the list, as
+# Minari's data maps do (their mirror image: the same paths); the U-maze, symmetric under the mirror, is written
+# upside down so that start and goal sit where D4RL's do (Minari's umaze data map).
+R, G = "r", "g"
+ANTMAZE_MAPS = {
+    "umaze": [[1, 1, 1, 1, 1], [1, G, 0, 0, 1], [1, 1, 1, 0, 1], [1, R, 0, 0, 1], [1, 1, 1, 1, 1]],
+    "medium": [[1, 1, 1, 1, 1, 1, 1, 1], [1, R, 0, 1, 1, 0, 0, 1], [1, 0, 0, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1, 1, 1],
+               [1, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 0, G, 1], [1, 1, 1, 1, 1, 1, 1, 1]],
+    "large": [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, R, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+              [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
+              [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1], [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+              [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 0, 0, 1, 0, G, 0, 1],
+              [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]],
+}
+GOAL_RADIUS = 0.5  # D4RL's goal test (d4rl/locomotion/goal_reaching_env.py: <= 0.5)
+MAZE_SCALING = 4.0  # D4RL's maze_size_scaling, gymnasium-robotics' default
+# D4RL's episode lengths: d4rl/locomotion/__init__.py (antmaze-*-v2), hand_manipulation_suite/__init__.py MAX_STEPS.
+MAX_EPISODE_STEPS = {"umaze": 700, "medium": 1000, "large": 1000, "pen": 100, "door": 200, "hammer": 200,
+                     "relocate": 200}
+# D4RL's reference scores (d4rl/infos.py REF_MIN_SCORE, REF_MAX_SCORE; the -v1 Adroit tasks take the human-v0 ones).
+REFERENCE_SCORES = {"antmaze": (0.0, 1.0), "pen": (96.262799, 3076.8331017826877),
+                    "door": (-56.512833, 2880.5693087298737), "hammer": (-274.856578, 12794.134825156867),
+                    "relocate": (-6.425911, 4233.877797728884)}
+PEN_DROP_HEIGHT = 0.075  # D4RL's pen_v0.py: the episode ends when the pen's z falls below this
+
+
 class MinariError(RuntimeError):
     """A problem with a Minari dataset id or its files; the message says how to fix it."""
 
@@ -60,6 +99,28 @@ def is_minari_id(env_name: str) -> bool:
 
 def is_antmaze(dataset_id: str) -> bool:
     return dataset_id.startswith("D4RL/antmaze/")
+
+
+def family(dataset_id: str) -> str:
+    """'D4RL/antmaze/large-play-v1' -> 'antmaze', 'D4RL/pen/cloned-v2' -> 'pen'."""
+    return dataset_id.split("/")[1]
+
+
+def maze_of(dataset_id: str) -> str:
+    """'D4RL/antmaze/umaze-diverse-v1' -> 'umaze'."""
+    return dataset_id.split("/")[2].split("-")[0]
+
+
+def cell_xy(maze_map: list, cell: str) -> np.ndarray:
+    """The centre of the maze's `cell` ("r" or "g") in gymnasium-robotics' coordinates (the maze centred on 0)."""
+    (i, j), = [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == cell]
+    height, width = len(maze_map), len(maze_map[0])
+    return np.array([(j + 0.5) * MAZE_SCALING - width / 2 * MAZE_SCALING,
+                     height / 2 * MAZE_SCALING - (i + 0.5) * MAZE_SCALING])
+
+
+def walls(maze_map: list) -> list:
+    return [[int(c == 1) for c in row] for row in maze_map]
 
 
 def minari_id_of(d4rl_name: str) -> str | None:
@@ -104,8 +165,6 @@ def _load(dataset_id: str):
 
 def _flat_observation_keys(space) -> tuple[str, ...] | None:
     """None for a flat Box; ('achieved_goal', 'observation') for the AntMaze dict; else a MinariError says why not."""
-    import gymnasium
-
     if isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 1:
         return None
     if isinstance(space, gymnasium.spaces.Dict) and set(space.spaces) == {"achieved_goal", "desired_goal",
@@ -123,11 +182,58 @@ def flatten(observation, keys: tuple[str, ...] | None) -> np.ndarray:
     return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in keys], axis=-1)
 
 
-def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None):
-    """The dataset's evaluation environment with flat observations (AntMaze: ends at the goal, as in D4RL);
-    `dataset` is the loaded Minari dataset when the caller has it."""
-    import gymnasium
+class AntMazeGoal(gymnasium.Wrapper):
+    """D4RL's evaluation AntMaze goal test: reward 1, and the episode's end, within GOAL_RADIUS of the goal."""
 
+    def step(self, action):
+        obs, _, _, truncated, info = self.env.step(action)
+        success = bool(np.linalg.norm(obs["achieved_goal"] - obs["desired_goal"]) <= GOAL_RADIUS)
+        return obs, float(success), success, truncated, {**info, "success": success}
+
+
+class AdroitD4RL(gymnasium.Wrapper):
+    """D4RL's Adroit: the pen episode ends when the pen drops; door, hammer and relocate return D4RL's reward."""
+
+    def __init__(self, env, task: str):
+        super().__init__(env)
+        self.task = task
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        hand = self.env.unwrapped
+        if self.task == "pen":
+            terminated = terminated or bool(hand.data.xpos[hand.obj_body_id][2] < PEN_DROP_HEIGHT)
+        else:
+            reward = d4rl_adroit_reward(self.task, hand)
+        return obs, reward, terminated, truncated, info
+
+
+def d4rl_adroit_reward(task: str, env) -> float:
+    """D4RL's dense reward of door, hammer or relocate (d4rl/hand_manipulation_suite/{door,hammer,relocate}_v0.py,
+    bonuses included), from the state of a gymnasium-robotics Adroit environment (`env.unwrapped`) after a step."""
+    data, norm = env.data, np.linalg.norm
+    if task == "door":
+        door = float(data.qpos[env.door_hinge_addrs])
+        reward = -0.1 * norm(data.site_xpos[env.grasp_site_id] - data.site_xpos[env.handle_site_id])
+        reward += -0.1 * (door - 1.57) ** 2 - 1e-5 * np.sum(data.qvel ** 2)
+        return reward + 2 * (door > 0.2) + 8 * (door > 1.0) + 10 * (door > 1.35)
+    palm, obj = data.site_xpos[env.S_grasp_site_id], data.xpos[env.obj_body_id]
+    if task == "hammer":
+        tool, nail, goal = (data.site_xpos[i] for i in (env.tool_site_id, env.target_obj_site_id, env.goal_site_id))
+        reward = -0.1 * norm(palm - obj) - norm(tool - nail) - 10 * norm(nail - goal) - 1e-2 * norm(data.qvel)
+        reward += 2 * (obj[2] > 0.04 and tool[2] > 0.04)
+        return reward + 25 * (norm(nail - goal) < 0.02) + 75 * (norm(nail - goal) < 0.01)
+    target = data.site_xpos[env.target_obj_site_id]  # relocate
+    reward = -0.1 * norm(palm - obj)
+    if obj[2] > 0.04:  # the object is off the table
+        reward += 1.0 - 0.5 * norm(palm - target) - 0.5 * norm(obj - target)
+    return reward + 10 * (norm(obj - target) < 0.1) + 20 * (norm(obj - target) < 0.05)
+
+
+def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None):
+    """The task's evaluation environment as D4RL defined it (module docstring), with flat observations; `dataset` is
+    the loaded Minari dataset when the caller has it. For the paper's 18 tasks; other Minari datasets get the
+    evaluation environment they store."""
     try:
         import gymnasium_robotics
 
@@ -135,11 +241,23 @@ def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None
     except ImportError:
         pass
     dataset = dataset if dataset is not None else _load(dataset_id)
-    overrides = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    if is_antmaze(dataset_id):
-        overrides["continuing_task"] = False  # D4RL's evaluation AntMaze ends at the goal: return 1 at success
+    name = maze_of(dataset_id) if is_antmaze(dataset_id) else family(dataset_id)
+    steps = max_episode_steps
+    if steps is None and dataset_id in TASKS:
+        steps = MAX_EPISODE_STEPS[name]  # D4RL's, whatever the dataset's spec says
+    overrides = {} if steps is None else {"max_episode_steps": steps}
     try:
-        env = dataset.recover_environment(eval_env=True, **overrides)
+        if is_antmaze(dataset_id) and dataset_id in TASKS:  # the data's environment, on D4RL's maze and task
+            env = dataset.recover_environment(maze_map=ANTMAZE_MAPS[name], continuing_task=True, reset_target=False,
+                                              **overrides)
+            data_maze = dataset.recover_environment().unwrapped.maze.maze_map
+            if walls(env.unwrapped.maze.maze_map) != walls(data_maze):
+                raise MinariError(f"the maze of {dataset_id}'s data is not D4RL's {name} maze: {data_maze}")
+            env = AntMazeGoal(env)
+        else:
+            env = dataset.recover_environment(eval_env=True, **overrides)
+            if dataset_id in TASKS:
+                env = AdroitD4RL(env, name)
     except (ValueError, gymnasium.error.Error) as e:
         raise MinariError(f"the environment of Minari dataset {dataset_id} cannot be made ({e}); is "
                           "gymnasium-robotics installed (pip install gymnasium-robotics)?") from None
@@ -151,10 +269,12 @@ def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None
     return env
 
 
-def transitions(episodes, offset: float, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+def transitions(episodes, offset: float, keys: tuple[str, ...] | None = None,
+                goal: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Flat transitions with the official conventions (module docstring) from episodes with Minari's fields:
     observations (T + 1 of them), actions, rewards, terminations, truncations (T each); `offset` is added to every
-    reward (reward_offset)."""
+    reward (reward_offset). With `goal` (AntMaze), rewards and masks are relabelled to it from the next observation's
+    position (its first two numbers): reward 1 and mask 0 within GOAL_RADIUS, else reward 0 and mask 1."""
     parts = {k: [] for k in ("observations", "actions", "rewards", "masks", "terminals", "next_observations")}
     for episode in episodes:
         obs = flatten(episode.observations, keys)
@@ -163,11 +283,14 @@ def transitions(episodes, offset: float, keys: tuple[str, ...] | None = None) ->
             raise MinariError(f"an episode has {len(obs)} observations for {steps} actions (Minari stores T + 1)")
         terminals = np.zeros(steps, dtype=np.float32)
         terminals[-1] = 1.0
+        rewards, ends = np.asarray(episode.rewards, np.float32), np.asarray(episode.terminations, np.float32)
+        if goal is not None:  # D4RL's relabelling (scripts/generation/relabel_antmaze_rewards.py)
+            rewards = ends = (np.linalg.norm(obs[1:, :2] - goal, axis=1) <= GOAL_RADIUS).astype(np.float32)
         parts["observations"].append(obs[:-1])
         parts["next_observations"].append(obs[1:])
         parts["actions"].append(np.asarray(episode.actions, dtype=np.float32))
-        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32) + offset)
-        parts["masks"].append(1.0 - np.asarray(episode.terminations, dtype=np.float32))
+        parts["rewards"].append(rewards + offset)
+        parts["masks"].append(1.0 - ends)
         parts["terminals"].append(terminals)
     if not parts["actions"]:
         raise MinariError("the dataset has no episodes")
@@ -181,7 +304,10 @@ def load_env_and_dataset(dataset_id: str):
     keys = _flat_observation_keys(dataset.observation_space)
     if len(dataset.action_space.shape) != 1:
         raise MinariError(f"{dataset_id} has actions {dataset.action_space}; DeFlow needs a flat Box of actions")
-    train = transitions(dataset.iterate_episodes(), reward_offset(dataset_id), keys)
+    goal = None
+    if is_antmaze(dataset_id) and dataset_id in TASKS:
+        goal = cell_xy(ANTMAZE_MAPS[maze_of(dataset_id)], G)
+    train = transitions(dataset.iterate_episodes(), reward_offset(dataset_id), keys, goal)
     if train["observations"].shape[1:] != env.observation_space.shape:
         raise MinariError(f"{dataset_id} has observations of shape {train['observations'].shape[1:]} but its "
                           f"environment {env.observation_space.shape}; the dataset belongs to another environment")
@@ -190,14 +316,19 @@ def load_env_and_dataset(dataset_id: str):
 
 @functools.lru_cache
 def reference_scores(dataset_id: str) -> tuple[float, float] | None:
-    """D4RL's reference scores (random, expert) of a task: 0 and 1 for AntMaze, else the ones stored with the Minari
-    dataset (None when it has none)."""
-    if is_antmaze(dataset_id):
-        return 0.0, 1.0
+    """D4RL's reference scores (random, expert) of one of the paper's tasks (REFERENCE_SCORES), with a line printed
+    once where the Minari dataset stores others; for other Minari datasets the stored ones (None without)."""
     metadata = _load(dataset_id).storage.metadata
-    if metadata.get("ref_min_score") is None or metadata.get("ref_max_score") is None:
-        return None
-    return float(metadata["ref_min_score"]), float(metadata["ref_max_score"])
+    stored = None
+    if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
+        stored = float(metadata["ref_min_score"]), float(metadata["ref_max_score"])
+    if dataset_id not in TASKS:
+        return stored
+    scores = REFERENCE_SCORES[family(dataset_id)]
+    if stored is not None and not np.allclose(stored, scores, rtol=1e-6):
+        print(f"note: Minari stores the reference scores {stored} for {dataset_id}; the scores here use D4RL's "
+              f"{scores} (d4rl/infos.py), as the paper does", file=sys.stderr)
+    return scores
 
 
 def normalized_return(env_name: str, episode_return: float) -> float | None:

@@ -7,6 +7,7 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
+from packaging.version import Version
 
 from common import d4rl
 from common.datasets import DatasetError, load_env_and_datasets, make_env
@@ -19,7 +20,12 @@ gymnasium.register_envs(gymnasium_robotics)
 
 ANTMAZE, PEN = "D4RL/antmaze/umaze-v1", "D4RL/pen/cloned-v2"
 HANDMADE_ANTMAZE, HANDMADE_FLAT = "D4RL/antmaze/medium-play-v1", "test/pen-handmade-v0"
-UMAZE = [[1, 1, 1, 1, 1], [1, "r", 0, 0, 1], [1, 1, 1, 0, 1], [1, "g", 0, 0, 1], [1, 1, 1, 1, 1]]  # D4RL's U-maze
+WRONG_MAZE = "D4RL/antmaze/large-play-v1"  # data recorded in the U-maze under a large-maze name
+# Minari's umaze datasets: data in the U-maze with the goal on top, and an evaluation spec whose maze is mirrored
+# (Minari#304), as its generation script writes them.
+MINARI_UMAZE_DATA = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+MINARI_UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]
+MEDIUM_GOAL = np.array([10.0, -10.0])  # the centre of D4RL's medium goal cell in gymnasium-robotics' coordinates
 
 
 def stack(observations: list):
@@ -29,7 +35,8 @@ def stack(observations: list):
     return np.stack(observations)
 
 
-def record(dataset_id: str, env_id: str, episodes: int, steps: int, eval_steps: int, seed: int, **kwargs):
+def record(dataset_id: str, env_id: str, episodes: int, steps: int, eval_steps: int, seed: int, eval_kwargs=None,
+           **kwargs):
     """A few random-action episodes of a real environment, written with Minari's own writer (its DataCollector
     needs jax, which this project does not; the buffers it would make are built here instead)."""
     env = gymnasium.make(env_id, max_episode_steps=steps, **kwargs)
@@ -48,7 +55,7 @@ def record(dataset_id: str, env_id: str, episodes: int, steps: int, eval_steps: 
         buffers.append(EpisodeBuffer(seed=seed + episode, observations=stack(observations),
                                      actions=np.stack(actions), rewards=np.array(rewards),
                                      terminations=np.array(terminations), truncations=np.array(truncations)))
-    eval_env = gymnasium.make(env_id, max_episode_steps=eval_steps, **kwargs)
+    eval_env = gymnasium.make(env_id, max_episode_steps=eval_steps, **{**kwargs, **(eval_kwargs or {})})
     minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=eval_env.spec, algorithm_name="random",
                                        ref_min_score=-10.0, ref_max_score=90.0)
 
@@ -72,18 +79,31 @@ def minari_root(tmp_path_factory):
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     d4rl.reference_scores.cache_clear()
-    maze = dict(maze_map=UMAZE, reward_type="sparse", continuing_task=True, reset_target=False)
-    record(ANTMAZE, "AntMaze_UMaze-v4", episodes=2, steps=12, eval_steps=10, seed=0, **maze)
+    maze = dict(reward_type="sparse", continuing_task=True, reset_target=False)
+    record(ANTMAZE, "AntMaze_UMaze-v4", episodes=2, steps=12, eval_steps=10, seed=0, maze_map=MINARI_UMAZE_DATA,
+           eval_kwargs=dict(maze_map=MINARI_UMAZE_EVAL), **maze)
     record(PEN, "AdroitHandPen-v1", episodes=2, steps=12, eval_steps=10, seed=0)
     rng = np.random.default_rng(0)
     pen = gymnasium.make("AdroitHandPen-v1")
     obs_dim = pen.observation_space.shape[0]
     minari.create_dataset_from_buffers(
         HANDMADE_FLAT, handmade_episodes(lambda n: rng.normal(size=(n, obs_dim)), 24, rng), env=pen)
-    ant = gymnasium.make("AntMaze_UMaze-v4", **maze)
+    ant = gymnasium.make("AntMaze_Medium-v4", **maze)
     space = ant.observation_space
-    ant_observation = lambda n: {k: rng.normal(size=(n, *space[k].shape)) for k in space}  # noqa: E731
+    # Positions that pass through the goal (within 0.5, and once between gymnasium-robotics' 0.45 and D4RL's 0.5),
+    # while the stored rewards and terminations (of other goals) say otherwise.
+    path = iter(MEDIUM_GOAL + np.array([[-3, 0], [0.2, 0.1], [2, 0], [0.48, 0], [0.3, -0.3], [0, 5], [1, 0],
+                                        [0, 0], [-0.1, 0.0]]))
+
+    def ant_observation(n):
+        obs = {k: rng.normal(size=(n, *space[k].shape)) for k in space}
+        obs["achieved_goal"] = np.stack([next(path) for _ in range(n)])
+        return obs
+
     minari.create_dataset_from_buffers(HANDMADE_ANTMAZE, handmade_episodes(ant_observation, 8, rng), env=ant)
+    umaze = gymnasium.make("AntMaze_UMaze-v4", **maze)
+    minari.create_dataset_from_buffers(WRONG_MAZE, handmade_episodes(
+        lambda n: {k: rng.normal(size=(n, *space[k].shape)) for k in space}, 8, rng), env=umaze)
     yield root
     if old is None:
         del os.environ["MINARI_DATASETS_PATH"]
@@ -108,32 +128,94 @@ def test_conventions_on_handmade_episodes(minari_root):
     assert np.abs(train["actions"]).max() <= 1 - 1e-5  # clipped as every dataset
 
 
-def test_antmaze_rewards_shifted_and_observation_flattened_in_d4rl_order(minari_root):
+def test_antmaze_rewards_and_masks_relabelled_to_the_evaluation_goal(minari_root):
+    """D4RL's relabelling: reward 1 and a terminal where the next position is within 0.5 of the task's goal, whatever
+    Minari stored (here rewards 0, 1, 2 and a termination elsewhere); then the official -1 shift."""
     raw = list(minari.load_dataset(HANDMADE_ANTMAZE).iterate_episodes())
     _, train, _ = load_env_and_datasets(HANDMADE_ANTMAZE)
-    np.testing.assert_array_equal(train["rewards"], np.array([0, 1, 2, 0, 1, 0]) - 1.0)
-    np.testing.assert_array_equal(train["masks"], [1, 1, 0, 1, 1, 1])
+    # next positions: goal + (0.2, 0.1) hit, (2, 0) miss, (0.48, 0) hit | (0, 5) miss, (1, 0) miss | (-0.1, 0) hit
+    np.testing.assert_array_equal(train["rewards"], [0, -1, 0, -1, -1, 0])
+    np.testing.assert_array_equal(train["masks"], [0, 1, 0, 1, 1, 0])
+    np.testing.assert_array_equal(train["terminals"], [0, 0, 1, 0, 1, 1])  # episode boundaries, as before
+    np.testing.assert_array_equal(d4rl.cell_xy(d4rl.ANTMAZE_MAPS["medium"], "g"), MEDIUM_GOAL)
     first = raw[0].observations
     expected = np.concatenate([first["achieved_goal"][0], first["observation"][0]])  # [x, y, the rest]; no goal
     np.testing.assert_allclose(train["observations"][0], expected, rtol=1e-6)
 
 
-def test_antmaze_environment_gives_d4rl_observations_and_ends_at_the_goal(minari_root):
+def test_umaze_evaluation_is_d4rls_task_in_the_data_maze(minari_root):
     env = make_env(ANTMAZE)
-    assert env.spec.kwargs["continuing_task"] is False and env.spec.max_episode_steps == 10
+    dataset = minari.load_dataset(ANTMAZE)
+    data_maze = dataset.recover_environment().unwrapped.maze.maze_map
+    minari_eval_maze = dataset.recover_environment(eval_env=True).unwrapped.maze.maze_map
+    assert d4rl.walls(env.unwrapped.maze.maze_map) == d4rl.walls(data_maze)
+    assert d4rl.walls(minari_eval_maze) != d4rl.walls(data_maze)  # Minari's evaluation spec: the mirrored U (#304)
     obs, _ = env.reset(seed=0)
+    assert obs.shape == (29,) and obs.dtype == np.float32
     data = env.unwrapped.ant_env.data
     np.testing.assert_allclose(obs, np.concatenate([data.qpos, data.qvel]), rtol=1e-6)  # D4RL: qpos[:15], qvel[:14]
-    assert obs.shape == (29,) and obs.dtype == np.float32
-    _, train, _ = load_env_and_datasets(ANTMAZE)
-    assert train["observations"].shape[1] == 29
-    assert set(np.unique(train["rewards"])) <= {-1.0, 0.0}
+    assert np.abs(obs[:2] - [-4, -4]).max() <= 1 and np.abs(env.unwrapped.goal - [-4, 4]).max() <= 1  # D4RL's cells
+    assert env.spec.max_episode_steps == 700  # D4RL's antmaze-umaze-v2 (the dataset's spec says 10)
+    for offset, success in ((0.3, True), (0.8, False)):  # D4RL's goal test: within 0.5, then the episode ends
+        env.reset(seed=0)
+        data.qpos[:2] = env.unwrapped.goal + [offset, 0]
+        _, reward, terminated, _, info = env.step(np.zeros(8, np.float32))
+        assert (reward, terminated, info["success"]) == (float(success), success, success)
+    with pytest.raises(DatasetError, match="not D4RL's large maze"):
+        load_env_and_datasets(WRONG_MAZE)
 
 
-def test_normalized_return(minari_root):
-    assert d4rl.normalized_return(ANTMAZE, 1.0) == 100.0  # D4RL's AntMaze references: 0 and 1
-    assert d4rl.normalized_return(PEN, 40.0) == pytest.approx(50.0)  # the dataset's: -10 and 90
+def test_pen_ends_after_100_steps_or_when_the_pen_drops(minari_root):
+    env = make_env(PEN)  # the dataset's spec says 10 steps, gymnasium-robotics 200: D4RL's pen has 100
+    env.reset(seed=0)
+    steps = 0
+    while True:
+        _, _, terminated, truncated, _ = env.step(np.zeros(24, np.float32))  # the hand holds still
+        steps += 1
+        if terminated or truncated:
+            break
+    assert (steps, terminated, truncated) == (100, False, True)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    while obs[26] >= d4rl.PEN_DROP_HEIGHT:  # random actions drop the pen (obs[24:27]: its position)
+        obs, reward, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 24).astype(np.float32))
+        assert not truncated and terminated == (obs[26] < d4rl.PEN_DROP_HEIGHT)
+    assert terminated and reward < -4  # D4RL's -5 for the drop, on the step that ends the episode
+
+
+@pytest.mark.parametrize("task", ["door", "hammer", "relocate"])
+def test_adroit_rewards_are_d4rls(task):
+    """gymnasium-robotics 1.2.1-1.4.2 add 0.1 |palm - object| where D4RL subtracts it; the wrapper returns D4RL's
+    reward. Random actions from the start state earn about D4RL's own random reference score with it."""
+    raw = gymnasium.make(f"AdroitHand{task.capitalize()}-v1")
+    env = d4rl.AdroitD4RL(gymnasium.make(f"AdroitHand{task.capitalize()}-v1"), task)
+    raw.reset(seed=0)
+    env.reset(seed=0)
+    rng, total = np.random.default_rng(0), 0.0
+    buggy = Version("1.2.1") <= Version(gymnasium_robotics.__version__) <= Version("1.4.2")
+    palm_minus_object = {"door": lambda o: o[35:38], "hammer": lambda o: o[33:36] - o[36:39],
+                         "relocate": lambda o: o[30:33]}[task]
+    for _ in range(200):
+        action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+        obs, raw_reward, *_ = raw.step(action)
+        reward = env.step(action)[1]
+        total += reward
+        np.testing.assert_allclose(reward, raw_reward - buggy * 0.2 * np.linalg.norm(palm_minus_object(obs)),
+                                   rtol=1e-9, atol=1e-12)
+    random_score = d4rl.REFERENCE_SCORES[task][0]
+    assert abs(total - random_score) < 0.05 * abs(random_score) + 5, (total, random_score)
+
+
+def test_normalized_return_uses_d4rls_reference_scores(minari_root, capsys):
+    d4rl.reference_scores.cache_clear()
+    assert d4rl.normalized_return(ANTMAZE, 1.0) == 100.0  # AntMaze: 0 and 1, so 100 x the success rate
+    assert d4rl.normalized_return(PEN, 96.262799) == pytest.approx(0.0)  # d4rl/infos.py, not the stored -10 and 90
+    assert d4rl.normalized_return(PEN, 3076.8331017826877) == pytest.approx(100.0)
+    assert "Minari stores the reference scores (-10.0, 90.0) for D4RL/pen/cloned-v2" in capsys.readouterr().err
     assert d4rl.normalized_return("cube-single-play-singletask-task1-v0", 1.0) is None
+    assert {d4rl.family(t) for t in d4rl.TASKS} == set(d4rl.REFERENCE_SCORES)
+    assert d4rl.REFERENCE_SCORES["hammer"] == (-274.856578, 12794.134825156867)
+    assert d4rl.REFERENCE_SCORES["relocate"] == (-6.425911, 4233.877797728884)
 
 
 def test_missing_dataset_says_where_to_download_and_copy(minari_root):
