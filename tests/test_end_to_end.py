@@ -56,6 +56,7 @@ def test_resume_continues_exactly(runs):
     assert training_numbers(runs["B_dir"]) == training_numbers(runs["A_dir"])  # as if never interrupted
 
 
+@pytest.mark.slow  # generation itself is tested in test_data.py; this is the flag's path through the script
 def test_generate_flag_builds_a_missing_dataset(tmp_path):
     path = tmp_path / "gen.npz"
     run_script("--env-name", "puzzle-3x3-play-singletask-v0", "--dataset-path", path, "--generate-episodes", 1,

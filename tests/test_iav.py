@@ -54,7 +54,8 @@ def test_default_scale_by_family():
     assert default_iav_scale("antmaze-large-navigate-singletask-v0") == 1.0
 
 
-@pytest.mark.parametrize("script, extra", [("deflow_offline.py", []), ("deflow_o2o.py", ["--online-steps", 4])])
+@pytest.mark.parametrize("script, extra", [("deflow_offline.py", []), pytest.param(  # o2o: the same code, slow
+    "deflow_o2o.py", ["--online-steps", 4], marks=pytest.mark.slow)])
 def test_auto_target_divergence_end_to_end(tmp_path, cube_dataset, script, extra):
     result = run_script("--env-name", ENV, "--dataset-path", cube_dataset, "--run-dir", tmp_path, "--offline-steps", 4,
                         "--log-interval", 2, "--eval-interval", 4, "--eval-episodes", 1, "--target-divergence", "auto",
