@@ -60,17 +60,19 @@ def losses_of(agent, batch, args, script=deflow_offline, with_mse=False):
     return script.deflow_losses(agent, batch, noise, args)
 
 
-def assert_compiled_update_equals_eager(script, make_agent, data: dict, tolerance: float, compiled=None):
-    """A few training steps with `compiled` (default: torch.compile(script.deflow_losses)) against the eager losses,
+def assert_compiled_update_equals_eager(script, make_agent, data: dict, tolerance: float, compiled=None,
+                                        mse_steps=(2,)):
+    """Three training steps with `compiled` (default: torch.compile(script.deflow_losses)) against the eager losses,
     from the same state and seed: the same losses, the same parameters. The batches and the noise are drawn outside
     the compiled losses, so both runs see the same random numbers. `make_agent()` returns a fresh (agent, args);
-    returns the eager run's final state."""
+    the steps in `mse_steps` are logging steps (with the `mse` metric's rollout: another compiled graph). Returns the
+    eager run's final state."""
     results = []
     for losses in (script.deflow_losses, compiled or torch.compile(script.deflow_losses)):
         agent, args = make_agent()
         optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, fused=True)
         torch.manual_seed(7)
-        metrics = [script.update(agent, optimizer, draw_batch(script, data, args), args, with_mse=step == 2,
+        metrics = [script.update(agent, optimizer, draw_batch(script, data, args), args, with_mse=step in mse_steps,
                                  losses=losses) for step in range(3)]
         results.append((metrics, agent.state_dict()))
     (eager_metrics, eager_state), (compiled_metrics, compiled_state) = results

@@ -1,10 +1,13 @@
 """deflow_offline.py as a user runs it: a subprocess on a tiny generated dataset with tiny networks."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import TINY_FLAGS, read_csv, run_script
+from tests.conftest import ROOT, TINY_FLAGS, read_csv, run_script
+from tools import evaluate as evaluate_tool
 
 ENV = "cube-single-play-singletask-task1-v0"
 
@@ -54,6 +57,23 @@ def test_resume_continues_exactly(runs):
     assert "resuming" in runs["resume"].stdout and "at step 21" in runs["resume"].stdout
     assert [int(r["step"]) for r in read_csv(runs["B_dir"] / "train.csv")] == [10, 20, 30, 40]
     assert training_numbers(runs["B_dir"]) == training_numbers(runs["A_dir"])  # as if never interrupted
+
+
+def test_evaluate_tool_repeats_the_runs_evaluation_and_runs_every_sampler(runs, tmp_path):
+    """`python -m tools.evaluate CHECKPOINT` with the paper's sampler gives the run's own final evaluation (the same
+    episodes, seeds and noise streams); max-q and iterative run on the same checkpoint (here in this process)."""
+    checkpoint = str(runs["A_dir"] / "checkpoint.pt")
+    result = subprocess.run([sys.executable, "-m", "tools.evaluate", checkpoint, "--episodes", "2", "--out",
+                             str(tmp_path / "flow.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "flow.json").read_text())
+    assert metrics["step"] == 40 and metrics["sampler"] == "flow"
+    final = read_csv(runs["A_dir"] / "eval.csv")[-1]
+    assert {k: float(v) for k, v in final.items() if k != "step"} == \
+        {k: v for k, v in metrics.items() if k.startswith("evaluation/")}
+    for sampler in ("max-q", "iterative"):
+        metrics = evaluate_tool.main(evaluate_tool.Args(checkpoint, sampler=sampler, num_samples=4, episodes=1))
+        assert metrics["episodes"] == 1 and 0 <= metrics["evaluation/success"] <= 1
 
 
 @pytest.mark.slow  # generation itself is tested in test_data.py; this is the flag's path through the script

@@ -21,7 +21,7 @@ def compile_agent():
 @pytest.fixture(scope="module")
 def compiled_losses():
     """torch.compile(deflow_losses) as the scripts make it, shared by the tests below (compiling is most of their
-    time); they use the same shapes, so it compiles once (twice: with and without the `mse` draw)."""
+    time); they use the same shapes, so it compiles once (twice with the slow test's `mse` draw)."""
     return torch.compile(deflow_offline.deflow_losses)
 
 
@@ -32,8 +32,13 @@ def random_data(n=1024):
 def test_compiled_training_step_equals_eager(compiled_losses):
     """A few steps with the compiled losses against eager from the same state and seed."""
     eager_state = assert_compiled_update_equals_eager(deflow_offline, compile_agent, random_data(), 1e-5,
-                                                      compiled_losses)
+                                                      compiled_losses, mse_steps=())
     assert not torch.equal(eager_state["refine.net.0.weight"], compile_agent()[0].refine.net[0].weight)
+
+
+@pytest.mark.slow  # the logging step's graph (with the `mse` rollout) compiles again: about 25 s
+def test_compiled_logging_step_equals_eager(compiled_losses):
+    assert_compiled_update_equals_eager(deflow_offline, compile_agent, random_data(), 1e-5, compiled_losses)
 
 
 def test_compiled_training_draws_fresh_independent_noise(compiled_losses, monkeypatch):
