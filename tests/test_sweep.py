@@ -2,6 +2,7 @@
 skip/resume on rerun, the SLURM submission it would make, the recipes shared with the README, and the curves/table."""
 
 import csv
+import json
 import os
 import re
 import signal
@@ -147,3 +148,41 @@ def test_plot_and_table_equal_a_hand_computation(small_sweep, tmp_path):
     curves = plot.environment_curves(plot.groups(plot.read_runs([sweep_dir])))
     figure = plot.plot_curves(curves, tmp_path / "again.png")
     assert [ax.get_title() for ax in figure.axes] == ["cube-single-play"]  # one panel per environment
+
+
+def test_official_runs_plot_beside_this_codes(small_sweep, tmp_path):
+    """Runs of the official JAX code, in the layout and CSV format its main.py writes (flags.json with the agent's
+    config under "agent"; eval.csv with `step` last, by its CsvLogger), read as the group "official"."""
+    sweep_dir, *_ = small_sweep
+    official = tmp_path / "exp" / "fql" / "deflow"
+    ours = json.loads(next(sweep_dir.rglob("args.json")).read_text())  # the same settings, as a fair study has
+    shared = {k: ours[k] for k in ("offline_steps", "eval_interval", "eval_episodes")}
+    agent = {k: ours[k] for k in ("discount", "q_agg", "target_divergence", "batch_size", "actor_hidden_dims",
+                                  "value_hidden_dims", "flow_steps")}
+    finals = {}
+    for task in TASKS:
+        for seed, success in ((0, 0.5), (1, 0.25)):
+            run = official / f"sd{seed:03d}_{task}"
+            run.mkdir(parents=True)
+            flags = {"run_group": "deflow", "seed": seed, "env_name": task, "save_dir": str(run), "online_steps": 0,
+                     "log_interval": 5000, **shared, "agent": {"agent_name": "deflow", **agent}}
+            (run / "flags.json").write_text(json.dumps(flags))
+            (run / "eval.csv").write_text("evaluation/success,evaluation/episode.return,step\n"
+                                          f"0.0,-200.0,1\n0.1,-190.0,3\n{success},-150.0,6\n")
+            finals.setdefault(task, []).append(100 * success)
+    runs = plot.read_runs([sweep_dir, official])
+    labels = {label for label, _ in plot.groups(runs)}
+    assert labels == {"deflow_offline", "official"}  # flags only one code base has do not split the groups
+    flags["agent"]["target_divergence"] *= 2  # one run with another setting: a group of its own, named by it
+    (run / "flags.json").write_text(json.dumps(flags))
+    assert "official [target_divergence=0.002]" in {label for label, _ in plot.groups(plot.read_runs([official]))}
+    flags["agent"]["target_divergence"] /= 2
+    (run / "flags.json").write_text(json.dumps(flags))
+    plot.main(plot.Args(folders=(str(sweep_dir), str(official)), out=str(tmp_path / "out")))
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = {(r["group"], r["level"], r["name"]): r for r in csv.DictReader(f)}
+    for task, values in finals.items():
+        row = rows[("official", "task", task)]
+        assert float(row["mean"]) == pytest.approx(np.mean(values)) and int(row["final_step"]) == 6
+        assert ("deflow_offline", "task", task) in rows
+    assert float(rows[("official", "environment", "cube-single-play")]["mean"]) == pytest.approx(37.5)

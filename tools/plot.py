@@ -1,8 +1,11 @@
 """Learning curves and a results table from runs: every run directory below the given folders (the ones that hold
 args.json and eval.csv, e.g. a sweep's), grouped by script, environment and every flag that differs between them.
+Runs of the official JAX code (a folder with its flags.json and eval.csv, as its main.py writes them under
+--save_dir) are read too, as the group "official", so both code bases plot side by side.
 
     python -m tools.plot sweeps/sweep                  # writes sweeps/sweep/curves.png, results.md, results.csv
     python -m tools.plot runs/ --iqm                    # also the interquartile mean with bootstrap intervals
+    python -m tools.plot sweeps/sweep ../official/exp   # this code's runs and the official code's, side by side
 
 The score is evaluation/episode.normalized_return (D4RL) or evaluation/success x 100 (OGBench). Curves: the mean
 over seeds with a 95% confidence band (Student t over seeds, cut at the scores' range) and each seed faintly, one
@@ -29,7 +32,8 @@ from tools.recipes import dataset_of
 
 IGNORED = {"seed", "run_dir", "resume", "track", "wandb_project_name", "wandb_entity", "save_interval", "device",
            "env_name", "dataset_path", "dataset_dir", "num_workers", "generate_episodes", "eval_workers",
-           "capture_video", "video_episodes"}  # flags that do not change what a run learns
+           "capture_video", "video_episodes", "log_interval",
+           "save_dir", "restore_path", "restore_epoch", "run_group", "video_frame_skip"}  # change nothing learned
 
 
 @dataclasses.dataclass
@@ -49,10 +53,17 @@ class Run:
     scores: np.ndarray  # 0-100
 
 
+def official_args(flags: dict) -> dict:
+    """The official code's flags.json (absl flags, the agent's config under "agent") as this code's settings: the
+    flags keep their names, which this code shares, and the group is called "official"."""
+    return {**{k: v for k, v in flags.items() if k != "agent"}, **flags.get("agent", {}), "exp_name": "official"}
+
+
 def read_runs(folders) -> list[Run]:
     runs = []
     for folder in folders:
-        for args_file in sorted(Path(folder).rglob("args.json")):
+        settings = sorted([*Path(folder).rglob("args.json"), *Path(folder).rglob("flags.json")])
+        for args_file in settings:
             path = args_file.parent
             if "abandoned" in path.parts or not (path / "eval.csv").exists():
                 continue
@@ -62,8 +73,10 @@ def read_runs(folders) -> list[Run]:
                 continue
             key = "evaluation/episode.normalized_return"
             scores = [float(r[key]) if key in r else 100 * float(r["evaluation/success"]) for r in rows]
-            runs.append(Run(json.loads(args_file.read_text()), np.array([int(r["step"]) for r in rows]),
-                            np.array(scores)))
+            args = json.loads(args_file.read_text())
+            if args_file.name == "flags.json":
+                args = official_args(args)
+            runs.append(Run(args, np.array([int(r["step"]) for r in rows]), np.array(scores)))
     return runs
 
 
@@ -73,8 +86,9 @@ def group_label(run: Run, differing: list[str]) -> str:
 
 
 def groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
-    """{(group label, env_name): runs}; the label names the script (exp_name) and each flag that differs."""
-    keys = sorted({k for r in runs for k in r.args} - IGNORED - {"exp_name"})
+    """{(group label, env_name): runs}; the label names the script (exp_name) and each flag that differs among the
+    flags every run has (a flag only one script or code base has does not split groups: exp_name tells them apart)."""
+    keys = sorted(set.intersection(*(set(r.args) for r in runs)) - IGNORED - {"exp_name"}) if runs else []
     differing = [k for k in keys if len({json.dumps(r.args.get(k), sort_keys=True) for r in runs}) > 1]
     out = defaultdict(list)
     for run in runs:
