@@ -69,7 +69,7 @@ class Args:
     eval_episodes: int = 50
     """episodes per evaluation"""
     eval_envs: int = 8
-    """environments run side by side in evaluation (about 0.2 GB each; same results)"""
+    """environments run side by side in evaluation (about 0.2 GB each)"""
     eval_workers: int = 0
     """processes that step the evaluation environments (0: this one)"""
     capture_video: bool = False
@@ -105,7 +105,7 @@ class Args:
     iav_scale: Optional[float] = None
     """c in delta = c x IAV (--target-divergence auto); None: 0.1 manipulation, 1.0 navigation"""
     iav_queries: int = 10_000
-    """query states of the IAV estimate (0: every transition)"""
+    """query states of the IAV estimate (0: all)"""
     use_lagrange: bool = True
     """learn the penalty weight alpha (every recipe); --no-use-lagrange: fixed --alpha"""
     alpha: float = 10.0
@@ -210,7 +210,7 @@ class DeFlowAgent(nn.Module):
         self.critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
         self.target_critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
         self.target_critic.load_state_dict(self.critic.state_dict())
-        self.target_critic.requires_grad_(False)  # moved by the EMA only
+        self.target_critic.requires_grad_(False)  # moved by the EMA only (officially in Adam too, no gradient)
         self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e
 
 

@@ -72,7 +72,7 @@ class Args:
     eval_episodes: int = 50
     """episodes per evaluation"""
     eval_envs: int = 8
-    """environments run side by side in evaluation (about 0.2 GB each; same results)"""
+    """environments run side by side in evaluation (about 0.2 GB each)"""
     eval_workers: int = 0
     """processes that step the evaluation environments (0: this one)"""
     eval_max_episode_steps: Optional[int] = None
@@ -271,7 +271,7 @@ class DeFlowAgent(nn.Module):
         self.critic = Critic(encoder(), action_dim, args.value_hidden_dims, args.layer_norm)
         self.target_critic = Critic(encoder(), action_dim, args.value_hidden_dims, args.layer_norm)
         self.target_critic.load_state_dict(self.critic.state_dict())
-        self.target_critic.requires_grad_(False)  # moved by the EMA only (its encoder too)
+        self.target_critic.requires_grad_(False)  # EMA only, its encoder too (officially in Adam too, no gradient)
         self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e
 
 

@@ -248,12 +248,8 @@ def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None
     overrides = {} if steps is None else {"max_episode_steps": steps}
     try:
         if is_antmaze(dataset_id) and dataset_id in TASKS:  # the data's environment, on D4RL's maze and task
-            env = dataset.recover_environment(maze_map=ANTMAZE_MAPS[name], continuing_task=True, reset_target=False,
-                                              **overrides)
-            data_maze = dataset.recover_environment().unwrapped.maze.maze_map
-            if walls(env.unwrapped.maze.maze_map) != walls(data_maze):
-                raise MinariError(f"the maze of {dataset_id}'s data is not D4RL's {name} maze: {data_maze}")
-            env = AntMazeGoal(env)
+            env = AntMazeGoal(dataset.recover_environment(maze_map=ANTMAZE_MAPS[name], continuing_task=True,
+                                                          reset_target=False, **overrides))
         else:
             env = dataset.recover_environment(eval_env=True, **overrides)
             if dataset_id in TASKS:
@@ -305,8 +301,11 @@ def load_env_and_dataset(dataset_id: str):
     if len(dataset.action_space.shape) != 1:
         raise MinariError(f"{dataset_id} has actions {dataset.action_space}; DeFlow needs a flat Box of actions")
     goal = None
-    if is_antmaze(dataset_id) and dataset_id in TASKS:
-        goal = cell_xy(ANTMAZE_MAPS[maze_of(dataset_id)], G)
+    if is_antmaze(dataset_id) and dataset_id in TASKS:  # once per run: D4RL's maze must be the data's, wall for wall
+        maze, data_maze = maze_of(dataset_id), dataset.recover_environment().unwrapped.maze.maze_map
+        if walls(ANTMAZE_MAPS[maze]) != walls(data_maze):
+            raise MinariError(f"the maze of {dataset_id}'s data is not D4RL's {maze} maze: {data_maze}")
+        goal = cell_xy(ANTMAZE_MAPS[maze], G)
     train = transitions(dataset.iterate_episodes(), reward_offset(dataset_id), keys, goal)
     if train["observations"].shape[1:] != env.observation_space.shape:
         raise MinariError(f"{dataset_id} has observations of shape {train['observations'].shape[1:]} but its "

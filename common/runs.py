@@ -26,10 +26,15 @@ def parse_args(args_class, description: str):
     if not args.resume:
         return args, None
     checkpoint = load_checkpoint(args.resume)
+    default = dataclasses.replace(saved_args(args_class, checkpoint), resume=args.resume)
+    return tyro.cli(args_class, default=default, description=description), checkpoint
+
+
+def saved_args(args_class, checkpoint: dict):
+    """A checkpoint's settings as `args_class` (JSON lists back to tuples; settings it has no field for dropped)."""
     fields = {field.name for field in dataclasses.fields(args_class)}
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items() if k in fields}
-    return tyro.cli(args_class, default=args_class(**{**saved, "resume": args.resume}), description=description), \
-        checkpoint
+    return args_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()
+                         if k in fields})
 
 
 def load_checkpoint(path: str) -> dict:

@@ -27,7 +27,7 @@ import tyro
 
 from common.datasets import make_env
 from common.envs import EnvPool
-from common.runs import load_checkpoint
+from common.runs import load_checkpoint, saved_args
 
 
 @dataclasses.dataclass
@@ -97,9 +97,7 @@ def sample_iterative(script, agent, obs, noise, flow_steps, refine_steps):
 def main(args: Args) -> dict:
     checkpoint = load_checkpoint(args.checkpoint)
     script = script_of(checkpoint["args"])
-    fields = {field.name for field in dataclasses.fields(script.Args)}
-    run_args = script.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()
-                              if k in fields})
+    run_args = saved_args(script.Args, checkpoint)
     weights = [v for k, v in checkpoint["agent"].items() if k.startswith("refine.net.") and k.endswith(".weight")]
     action_dim = weights[-1].shape[0]  # the refinement network's output layer
     if script.__name__ == "deflow_pixels":
