@@ -186,3 +186,41 @@ def test_official_runs_plot_beside_this_codes(small_sweep, tmp_path):
         assert float(row["mean"]) == pytest.approx(np.mean(values)) and int(row["final_step"]) == 6
         assert ("deflow_offline", "task", task) in rows
     assert float(rows[("official", "environment", "cube-single-play")]["mean"]) == pytest.approx(37.5)
+
+
+def test_o2o_and_an_offline_control_start_from_another_sweeps_checkpoints(small_sweep, tmp_path, cube_dataset):
+    """--start-from: deflow_o2o.py goes online from each (task, seed)'s deflow_offline.py checkpoint of another sweep,
+    and deflow_offline.py continues a copy of the same runs (a control); the source runs stay as they ended. The plot
+    starts the o2o curves with the offline evaluations and tables the online gain over the control."""
+    sweep_dir, *_ = small_sweep
+    sources = sorted(sweep_dir.glob(f"deflow_offline/{TASKS[0]}/seed*/*/checkpoint.pt"))
+    before = [(p.stat().st_mtime, (p.parent / "eval.csv").read_text()) for p in sources]
+
+    def start_from(script, *flags):
+        return [sys.executable, "-m", "tools.sweep", "--script", script, "--env-names", TASKS[0], "--seeds", "0",
+                "1", "--jobs", "2", "--sweep-dir", str(tmp_path), "--poll-seconds", "0.5", "--save-interval", "3",
+                "--start-from", str(sweep_dir), "--", "--dataset-path", str(cube_dataset), "--log-interval", "3",
+                "--eval-interval", "3", "--eval-episodes", "1", *flags]
+
+    for command in (start_from("deflow_o2o.py", "--online-steps", "3", "--buffer-size", "1000"),
+                    start_from("deflow_offline.py", "--offline-steps", "9")):
+        for expected in ("2 to start", "2 finished before (skipped)"):  # and a rerun skips them
+            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0 and expected in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [(p.stat().st_mtime, (p.parent / "eval.csv").read_text()) for p in sources] == before
+    for seed in (0, 1):
+        (control,) = tmp_path.glob(f"deflow_offline/{TASKS[0]}/seed{seed}/*/eval.csv")
+        (o2o,) = tmp_path.glob(f"deflow_o2o/{TASKS[0]}/seed{seed}/*/eval.csv")
+        assert control.parent.name == sources[seed].parent.name  # the copy, continued
+        assert [int(r["step"]) for r in csv.DictReader(open(control))] == [1, 3, 6, 9]
+        assert [int(r["step"]) for r in csv.DictReader(open(o2o))] == [9]
+        assert "continuing the deflow_offline.py run" in (o2o.parents[1] / "log.txt").read_text()
+    by_group = plot.groups(plot.read_runs([tmp_path]))
+    o2o_runs = next(runs for (label, _), runs in by_group.items() if label.startswith("deflow_o2o"))
+    assert all(r.steps.tolist() == [1, 3, 6, 9] for r in o2o_runs)  # the offline evaluations, then the online one
+    (gain,) = plot.online_gain(by_group)
+    finals = {group: {r.args["seed"]: r.scores[-1] for r in runs} for (group, _), runs in by_group.items()}
+    expected = [finals[gain["o2o"]][s] - finals[gain["control"]][s] for s in (0, 1)]
+    assert gain["seeds"] == 2 and gain["at_update"] == 9 and gain["mean"] == pytest.approx(np.mean(expected))
+    plot.main(plot.Args(folders=(str(tmp_path),), out=str(tmp_path / "out")))
+    assert "Online gain" in (tmp_path / "out" / "results.md").read_text()

@@ -59,6 +59,15 @@ def official_args(flags: dict) -> dict:
     return {**{k: v for k, v in flags.items() if k != "agent"}, **flags.get("agent", {}), "exp_name": "official"}
 
 
+def read_eval(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, scores 0-100) of a run directory's eval.csv."""
+    with open(path / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    key = "evaluation/episode.normalized_return"
+    scores = [float(r[key]) if key in r else 100 * float(r["evaluation/success"]) for r in rows]
+    return np.array([int(r["step"]) for r in rows], dtype=int), np.array(scores)
+
+
 def read_runs(folders) -> list[Run]:
     runs = []
     for folder in folders:
@@ -67,16 +76,18 @@ def read_runs(folders) -> list[Run]:
             path = args_file.parent
             if "abandoned" in path.parts or not (path / "eval.csv").exists():
                 continue
-            with open(path / "eval.csv") as f:
-                rows = list(csv.DictReader(f))
-            if not rows:
+            steps, scores = read_eval(path)
+            if not len(steps):
                 continue
-            key = "evaluation/episode.normalized_return"
-            scores = [float(r[key]) if key in r else 100 * float(r["evaluation/success"]) for r in rows]
             args = json.loads(args_file.read_text())
             if args_file.name == "flags.json":
                 args = official_args(args)
-            runs.append(Run(args, np.array([int(r["step"]) for r in rows]), np.array(scores)))
+            source = Path(args["resume"]).parent if args.get("resume") else path  # deflow_o2o.py gone online
+            if source.resolve() != path.resolve() and (source / "eval.csv").exists():  # from a deflow_offline.py run:
+                before, before_scores = read_eval(source)  # its curve starts with that run's evaluations
+                keep = before < steps[0]
+                steps, scores = np.concatenate([before[keep], steps]), np.concatenate([before_scores[keep], scores])
+            runs.append(Run(args, steps, scores))
     return runs
 
 
@@ -87,12 +98,15 @@ def group_label(run: Run, differing: list[str]) -> str:
 
 def groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     """{(group label, env_name): runs}; the label names the script (exp_name) and each flag that differs among the
-    flags every run has (a flag only one script or code base has does not split groups: exp_name tells them apart)."""
-    keys = sorted(set.intersection(*(set(r.args) for r in runs)) - IGNORED - {"exp_name"}) if runs else []
-    differing = [k for k in keys if len({json.dumps(r.args.get(k), sort_keys=True) for r in runs}) > 1]
+    flags every run of that environment has (a flag only one script or code base has does not split groups: exp_name
+    tells them apart; nor does a recipe flag that differs only between environments)."""
     out = defaultdict(list)
-    for run in runs:
-        out[(group_label(run, differing), run.args["env_name"])].append(run)
+    for env in {dataset_of(r.args["env_name"]) for r in runs}:
+        same_env = [r for r in runs if dataset_of(r.args["env_name"]) == env]
+        keys = sorted(set.intersection(*(set(r.args) for r in same_env)) - IGNORED - {"exp_name"})
+        differing = [k for k in keys if len({json.dumps(r.args.get(k), sort_keys=True) for r in same_env}) > 1]
+        for run in same_env:
+            out[(group_label(run, differing), run.args["env_name"])].append(run)
     return dict(out)
 
 
@@ -171,9 +185,11 @@ def final_table(by_group: dict, curves: dict, iqm: bool) -> list[dict]:
     """Rows of the results table: one per (group, task) and one per (group, environment)."""
     rows = []
     for (label, env_name), runs in sorted(by_group.items()):
+        runs = sorted(runs, key=lambda r: r.args["seed"])
         rows.append({"group": label, "level": "task", "name": env_name,
                      **over_seeds(np.array([r.scores[-1] for r in runs])),
-                     "final_step": int(max(r.steps[-1] for r in runs))})
+                     "final_step": int(max(r.steps[-1] for r in runs)),
+                     "every_seed": " / ".join(f"{r.args['seed']}: {r.scores[-1]:.0f}" for r in runs)})
     for env, by_label in sorted(curves.items()):
         for label, (steps, per_seed) in sorted(by_label.items()):
             row = {"group": label, "level": "environment", "name": env, **over_seeds(per_seed[:, -1]),
@@ -198,22 +214,49 @@ def interquartile_mean(by_group: dict, label: str, env: str) -> dict:
     return {"iqm": iqm, "iqm_low": float(ci.low), "iqm_high": float(ci.high)}
 
 
-def write_table(rows: list[dict], out: Path) -> None:
+def online_gain(by_group: dict) -> list[dict]:
+    """deflow_o2o.py runs against a control of deflow_offline.py runs of the same task that end at the same update
+    (e.g. the same checkpoints continued offline): per seed, o2o's final score minus the control's; mean +- std."""
+    rows = []
+    for (label, env_name), o2o in sorted(by_group.items()):
+        if o2o[0].args.get("exp_name") != "deflow_o2o":
+            continue
+        for (control_label, control_env), control in sorted(by_group.items()):
+            end = {r.args["seed"]: r for r in control if r.steps[-1] == o2o[0].steps[-1]}
+            if control_env != env_name or control[0].args.get("exp_name") != "deflow_offline" or not end:
+                continue
+            pairs = sorted((r.args["seed"], r.scores[-1], end[r.args["seed"]].scores[-1]) for r in o2o
+                           if r.args["seed"] in end)
+            if not pairs:
+                continue
+            gains = np.array([a - b for _, a, b in pairs])
+            rows.append({"o2o": label, "control": control_label, "name": env_name, "at_update": int(o2o[0].steps[-1]),
+                         **over_seeds(gains), "every_seed": " / ".join(f"{s}: {a:.0f} - {b:.0f}" for s, a, b in pairs)})
+    return rows
+
+
+def write_table(rows: list[dict], out: Path, gains: list[dict] = ()) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| group | task or environment | final score (mean +- std over seeds) | seeds | at update |"
-             + (" IQM [95% CI] |" if "iqm" in columns else ""), "|---|---|---|---|---|"
+    lines = ["| group | task or environment | final score (mean +- std over seeds) | seeds | at update | every seed |"
+             + (" IQM [95% CI] |" if "iqm" in columns else ""), "|---|---|---|---|---|---|"
              + ("---|" if "iqm" in columns else "")]
     for row in rows:
         name = row["name"] if row["level"] == "task" else f"**{row['name']}** (mean of its tasks)"
         line = (f"| {row['group']} | {name} | {row['mean']:.1f} +- {row['std']:.1f} | {row['seeds']} | "
-                f"{row['final_step']} |")
+                f"{row['final_step']} | {row.get('every_seed', '')} |")
         if "iqm" in columns:
             line += f" {row['iqm']:.1f} [{row['iqm_low']:.1f}, {row['iqm_high']:.1f}] |" if "iqm" in row else " |"
         lines.append(line)
+    if gains:
+        lines += ["", "Online gain: the o2o run's final score minus the control's, per seed.", "",
+                  "| o2o | control | task | at update | gain (mean +- std over seeds) | seeds | seed: o2o - control |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['o2o']} | {g['control']} | {g['name']} | {g['at_update']} | {g['mean']:+.1f} +- "
+                  f"{g['std']:.1f} | {g['seeds']} | {g['every_seed']} |" for g in gains]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -226,7 +269,7 @@ def main(args: Args) -> None:
     by_group = groups(runs)
     curves = environment_curves(by_group)
     plot_curves(curves, out / "curves.png")
-    write_table(final_table(by_group, curves, args.iqm), out)
+    write_table(final_table(by_group, curves, args.iqm), out, online_gain(by_group))
     print(f"{len(runs)} runs in {len(by_group)} groups of (flags, task): wrote {out / 'curves.png'}, "
           f"{out / 'results.md'}, {out / 'results.csv'}")
     print((out / "results.md").read_text())

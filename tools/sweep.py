@@ -11,8 +11,9 @@ A job that ended well leaves a file `finished` there. Rerunning the same sweep s
 that has a checkpoint (--resume, exactly, as the scripts do) and starts the rest afresh (a run directory without a
 checkpoint is moved to abandoned/ first). --save-interval makes the jobs checkpoint often enough to resume.
 
-Local: --jobs at a time, each with the CPU's cores split between them (OMP_NUM_THREADS), or with one GPU each when
-GPUs are visible (CUDA_VISIBLE_DEVICES). SLURM: one job array, --jobs of its jobs at a time.
+Local: --jobs at a time, each with the cores this process may use split between them (OMP_NUM_THREADS; `taskset -c 1
+python -m tools.sweep ...` keeps a sweep on core 1), or with one GPU each when GPUs are visible (CUDA_VISIBLE_DEVICES).
+SLURM: one job array, --jobs of its jobs at a time.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class Args:
     """jobs running at a time (SLURM: the job array's parallelism)"""
     save_interval: int = 50_000
     """checkpoint every this many updates (what a rerun resumes from)"""
+    start_from: Optional[str] = None
+    """another sweep's folder: each job starts from the deflow_offline.py checkpoint of its task and seed there
+    (deflow_o2o.py goes online in a run folder of its own; deflow_offline.py continues a copy of that run, e.g. as an
+    offline-only control: give it the larger --offline-steps after --)"""
     dry_run: bool = False
     """print the commands and exit"""
     poll_seconds: float = 10.0
@@ -77,6 +82,7 @@ class Job:
     job_dir: Path
     command: list[str]
     state: str  # "finished", "resume" or "new"
+    copy_from: Optional[str] = None  # --start-from with deflow_offline.py: the run folder to continue a copy of
 
 
 def plan(args: Args, extra: list[str]) -> list[Job]:
@@ -98,18 +104,38 @@ def plan(args: Args, extra: list[str]) -> list[Job]:
                        "--run-dir", str(job_dir), "--save-interval", str(args.save_interval), *recipe, *extra]
             checkpoints = sorted(job_dir.glob("*/checkpoint.pt"), key=os.path.getmtime)
             state = "finished" if (job_dir / "finished").exists() else "resume" if checkpoints else "new"
-            if state == "resume":
+            copy_from = None
+            if state == "new" and args.start_from:  # from another sweep's deflow_offline.py checkpoint
+                source = start_checkpoint(args.start_from, env_name, seed)
+                checkpoints = [source]
+                if script.stem == "deflow_offline":  # continue a copy: the source run stays as it ended
+                    copy_from, checkpoints = str(source.parent), [job_dir / source.parent.name / "checkpoint.pt"]
+            if checkpoints and state != "finished":
                 command += ["--resume", str(checkpoints[-1])]
-            jobs.append(Job(env_name, seed, job_dir, command, state))
+            jobs.append(Job(env_name, seed, job_dir, command, state, copy_from))
     return jobs
 
 
-def run_job(command: list[str], job_dir: str, env: dict[str, str]) -> str:
-    """What a submitit job runs: the script's command line, its output appended to log.txt; `finished` on success."""
+def start_checkpoint(sweep_dir: str, env_name: str, seed: int) -> Path:
+    """--start-from: the latest deflow_offline.py checkpoint of (task, seed) in another sweep's folder."""
+    folder = Path(sweep_dir).resolve() / "deflow_offline" / run_name_of(env_name) / f"seed{seed}"
+    sources = sorted(folder.glob("*/checkpoint.pt"), key=os.path.getmtime)
+    if not sources:
+        sys.exit(f"error: --start-from {sweep_dir}: no deflow_offline.py checkpoint of {env_name} seed {seed} in "
+                 f"{folder} (run that sweep first)")
+    return sources[-1]
+
+
+def run_job(command: list[str], job_dir: str, env: dict[str, str], copy_from: str | None = None) -> str:
+    """What a submitit job runs: the script's command line, its output appended to log.txt; `finished` on success.
+    copy_from: a run folder copied into job_dir first (the --resume in the command points into the copy)."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    if "--resume" not in command:  # a fresh start: runs that never wrote a checkpoint are set aside
-        for run in [p for p in job_dir.iterdir() if p.is_dir() and p.name != "abandoned"]:
+    if copy_from and not (job_dir / Path(copy_from).name).exists():  # copied whole or not at all
+        shutil.copytree(copy_from, job_dir / "copying", dirs_exist_ok=True)
+        os.replace(job_dir / "copying", job_dir / Path(copy_from).name)
+    for run in [p for p in job_dir.iterdir() if p.is_dir() and p.name not in ("abandoned", "copying")]:
+        if not (run / "checkpoint.pt").exists():  # runs that never wrote a checkpoint are set aside
             (job_dir / "abandoned").mkdir(exist_ok=True)
             shutil.move(str(run), job_dir / "abandoned" / run.name)
     with open(job_dir / "log.txt", "a") as log:
@@ -133,7 +159,7 @@ def local_resources(jobs: int) -> list[dict[str, str]]:
         gpus = 0
     if gpus:
         return [{"CUDA_VISIBLE_DEVICES": str(slot % gpus)} for slot in range(jobs)]
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))  # the cores this process may use (taskset -c)
     return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(jobs)]
 
 
@@ -175,7 +201,8 @@ def run(args: Args, jobs: list[Job]) -> int:
         env = {"OMP_NUM_THREADS": str(args.cpus_per_job)}
         try:
             with executor.batch():
-                active = [(executor.submit(run_job, job.command, str(job.job_dir), env), job, None) for job in todo]
+                active = [(executor.submit(run_job, job.command, str(job.job_dir), env, job.copy_from), job, None)
+                          for job in todo]
         except submitit.core.utils.FailedJobError as e:  # sbatch said no
             sys.exit(f"error: SLURM refused the job array ({' '.join(str(e).split())[-300:]}). Check --partition, "
                      "--gpus-per-job (0 on a partition without GPUs), --cpus-per-job, --mem-gb and --time-min.")
@@ -188,7 +215,8 @@ def run(args: Args, jobs: list[Job]) -> int:
         busy = {slot for *_, slot in active}
         for slot in [s for s in range(args.jobs) if s not in busy][: len(waiting)]:  # local: fill the free slots
             job = waiting.pop(0)
-            active.append((executor.submit(run_job, job.command, str(job.job_dir), slots[slot]), job, slot))
+            handle = executor.submit(run_job, job.command, str(job.job_dir), slots[slot], job.copy_from)
+            active.append((handle, job, slot))
         for entry in [entry for entry in active if entry[0].done()]:
             active.remove(entry)
             if succeeded(entry[0]):
