@@ -165,7 +165,8 @@ def test_official_runs_plot_beside_this_codes(small_sweep, tmp_path):
             run = official / f"sd{seed:03d}_{task}"
             run.mkdir(parents=True)
             flags = {"run_group": "deflow", "seed": seed, "env_name": task, "save_dir": str(run), "online_steps": 0,
-                     "log_interval": 5000, **shared, "agent": {"agent_name": "deflow", **agent}}
+                     "log_interval": 5000, **shared,  # main.py writes the config before it sets offline_steps there:
+                     "agent": {"agent_name": "deflow", **agent, "offline_steps": 1_000_000}}
             (run / "flags.json").write_text(json.dumps(flags))
             (run / "eval.csv").write_text("evaluation/success,evaluation/episode.return,step\n"
                                           f"0.0,-200.0,1\n0.1,-190.0,3\n{success},-150.0,6\n")

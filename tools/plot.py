@@ -55,8 +55,10 @@ class Run:
 
 def official_args(flags: dict) -> dict:
     """The official code's flags.json (absl flags, the agent's config under "agent") as this code's settings: the
-    flags keep their names, which this code shares, and the group is called "official"."""
-    return {**{k: v for k, v in flags.items() if k != "agent"}, **flags.get("agent", {}), "exp_name": "official"}
+    flags keep their names, which this code shares, and the group is called "official". A flag main.py copies into
+    the config after writing flags.json (offline_steps) is stale under "agent": the top-level one wins."""
+    top = {k: v for k, v in flags.items() if k != "agent"}
+    return {**flags.get("agent", {}), **top, "exp_name": "official"}
 
 
 def read_eval(path: Path) -> tuple[np.ndarray, np.ndarray]:
