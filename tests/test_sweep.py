@@ -95,6 +95,9 @@ def test_dry_run_prints_the_scripts_own_commands_with_the_recipe():
     pen = next(line for line in lines if "D4RL/pen/cloned-v2" in line)
     assert "--run-dir /never/deflow_offline/D4RL-pen-cloned-v2/seed0" in pen.replace("/tmp/never", "/never")
     assert "--q-agg min --target-divergence 0.01 --offline-steps 500000" in pen
+    misplaced = subprocess.run([sys.executable, "-m", "tools.sweep", "--sweep-dir", "/tmp/never", "--", "--dry-run"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert misplaced.returncode == 1 and "put it before --" in misplaced.stderr  # not 1 real job per task and seed
 
 
 def test_slurm_submission(tmp_path, monkeypatch):

@@ -243,6 +243,8 @@ def main(argv: list[str]) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     args = tyro.cli(Args, args=argv[:split], description=__doc__.split("\n\n")[0])
     extra = argv[split + 1 :]
+    if "--dry-run" in extra:  # after --, it would go to every job's script, which would start for real (and fail)
+        sys.exit("error: --dry-run is the launcher's flag: put it before --")
     jobs = plan(args, extra)
     if args.dry_run:
         for job in jobs:
