@@ -15,6 +15,7 @@ Recipes per task: README.md. Deviations from the official code: docs/deviations.
 """
 
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -515,7 +516,8 @@ if __name__ == "__main__":
     run = RunLog(args, run_name_of(args.env_name), checkpoint["step"] if resumed else None)
     if iav_report is not None:
         run.json("iav.json", iav_report)
-    if from_offline:
+    if from_offline:  # offline_run.json: where its offline evaluations are (tools.plot draws them first)
+        run.json("offline_run.json", {"checkpoint": os.path.abspath(args.resume)})
         print(f"continuing the deflow_offline.py run of {args.resume} in a run folder of its own")
     print(f"{'resuming' if resumed else 'new run'} {run.dir} at step {start_step}: {len(train_np['actions'])} "
           f"train / {len(val_np['actions']) if val_np else 'no'} val transitions, delta {args.target_divergence:.3g}, "

@@ -200,31 +200,35 @@ def test_o2o_and_an_offline_control_start_from_another_sweeps_checkpoints(small_
     sources = sorted(sweep_dir.glob(f"deflow_offline/{TASKS[0]}/seed*/*/checkpoint.pt"))
     before = [(p.stat().st_mtime, (p.parent / "eval.csv").read_text()) for p in sources]
 
-    def start_from(script, *flags):
+    def start_from(script, *flags, launcher=()):
         return [sys.executable, "-m", "tools.sweep", "--script", script, "--env-names", TASKS[0], "--seeds", "0",
                 "1", "--jobs", "2", "--sweep-dir", str(tmp_path), "--poll-seconds", "0.5", "--save-interval", "3",
-                "--start-from", str(sweep_dir), "--", "--dataset-path", str(cube_dataset), "--log-interval", "3",
-                "--eval-interval", "3", "--eval-episodes", "1", *flags]
+                "--start-from", str(sweep_dir), *launcher, "--", "--dataset-path", str(cube_dataset),
+                "--log-interval", "3", "--eval-interval", "3", "--eval-episodes", "1", *flags]
 
     for command in (start_from("deflow_o2o.py", "--online-steps", "3", "--buffer-size", "1000"),
                     start_from("deflow_offline.py", "--offline-steps", "9")):
         for expected in ("2 to start", "2 finished before (skipped)"):  # and a rerun skips them
             result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
             assert result.returncode == 0 and expected in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    for command in (start_from("deflow_o2o.py", "--online-steps", "6", "--buffer-size", "1000", launcher=["--extend"]),
+                    start_from("deflow_offline.py", "--offline-steps", "12", launcher=["--extend"])):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)  # 3 steps longer
+        assert result.returncode == 0 and "2 to resume" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     assert [(p.stat().st_mtime, (p.parent / "eval.csv").read_text()) for p in sources] == before
     for seed in (0, 1):
         (control,) = tmp_path.glob(f"deflow_offline/{TASKS[0]}/seed{seed}/*/eval.csv")
         (o2o,) = tmp_path.glob(f"deflow_o2o/{TASKS[0]}/seed{seed}/*/eval.csv")
         assert control.parent.name == sources[seed].parent.name  # the copy, continued
-        assert [int(r["step"]) for r in csv.DictReader(open(control))] == [1, 3, 6, 9]
-        assert [int(r["step"]) for r in csv.DictReader(open(o2o))] == [9]
+        assert [int(r["step"]) for r in csv.DictReader(open(control))] == [1, 3, 6, 9, 12]
+        assert [int(r["step"]) for r in csv.DictReader(open(o2o))] == [9, 12]
         assert "continuing the deflow_offline.py run" in (o2o.parents[1] / "log.txt").read_text()
     by_group = plot.groups(plot.read_runs([tmp_path]))
     o2o_runs = next(runs for (label, _), runs in by_group.items() if label.startswith("deflow_o2o"))
-    assert all(r.steps.tolist() == [1, 3, 6, 9] for r in o2o_runs)  # the offline evaluations, then the online one
+    assert all(r.steps.tolist() == [1, 3, 6, 9, 12] for r in o2o_runs)  # the offline evaluations, then the online
     (gain,) = plot.online_gain(by_group)
     finals = {group: {r.args["seed"]: r.scores[-1] for r in runs} for (group, _), runs in by_group.items()}
     expected = [finals[gain["o2o"]][s] - finals[gain["control"]][s] for s in (0, 1)]
-    assert gain["seeds"] == 2 and gain["at_update"] == 9 and gain["mean"] == pytest.approx(np.mean(expected))
+    assert gain["seeds"] == 2 and gain["at_update"] == 12 and gain["mean"] == pytest.approx(np.mean(expected))
     plot.main(plot.Args(folders=(str(tmp_path),), out=str(tmp_path / "out")))
     assert "Online gain" in (tmp_path / "out" / "results.md").read_text()

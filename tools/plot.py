@@ -84,8 +84,8 @@ def read_runs(folders) -> list[Run]:
             args = json.loads(args_file.read_text())
             if args_file.name == "flags.json":
                 args = official_args(args)
-            source = Path(args["resume"]).parent if args.get("resume") else path  # deflow_o2o.py gone online
-            if source.resolve() != path.resolve() and (source / "eval.csv").exists():  # from a deflow_offline.py run:
+            if (path / "offline_run.json").exists():  # deflow_o2o.py gone online from a deflow_offline.py run:
+                source = Path(json.loads((path / "offline_run.json").read_text())["checkpoint"]).parent
                 before, before_scores = read_eval(source)  # its curve starts with that run's evaluations
                 keep = before < steps[0]
                 steps, scores = np.concatenate([before[keep], steps]), np.concatenate([before_scores[keep], scores])

@@ -59,6 +59,8 @@ class Args:
     """another sweep's folder: each job starts from the deflow_offline.py checkpoint of its task and seed there
     (deflow_o2o.py goes online in a run folder of its own; deflow_offline.py continues a copy of that run, e.g. as an
     offline-only control: give it the larger --offline-steps after --)"""
+    extend: bool = False
+    """resume finished jobs too: with a larger --offline-steps or --online-steps after --, they run longer"""
     dry_run: bool = False
     """print the commands and exit"""
     poll_seconds: float = 10.0
@@ -103,7 +105,8 @@ def plan(args: Args, extra: list[str]) -> list[Job]:
             command = [sys.executable, str(ROOT / script.name), "--env-name", env_name, "--seed", str(seed),
                        "--run-dir", str(job_dir), "--save-interval", str(args.save_interval), *recipe, *extra]
             checkpoints = sorted(job_dir.glob("*/checkpoint.pt"), key=os.path.getmtime)
-            state = "finished" if (job_dir / "finished").exists() else "resume" if checkpoints else "new"
+            finished = (job_dir / "finished").exists() and not args.extend
+            state = "finished" if finished else "resume" if checkpoints else "new"
             copy_from = None
             if state == "new" and args.start_from:  # from another sweep's deflow_offline.py checkpoint
                 source = start_checkpoint(args.start_from, env_name, seed)
