@@ -257,8 +257,9 @@ def write_table(rows: list[dict], out: Path, gains: list[dict] = ()) -> None:
         lines += ["", "Online gain: the o2o run's final score minus the control's, per seed.", "",
                   "| o2o | control | task | at update | gain (mean +- std over seeds) | seeds | seed: o2o - control |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {g['o2o']} | {g['control']} | {g['name']} | {g['at_update']} | {g['mean']:+.1f} +- "
-                  f"{g['std']:.1f} | {g['seeds']} | {g['every_seed']} |" for g in gains]
+        lines += [f"| {g['o2o']} | {g['control']} | {g['name']} | {g['at_update']} | "
+                  f"{round(g['mean'], 1) + 0.0:+.1f} +- {g['std']:.1f} | {g['seeds']} | {g['every_seed']} |"
+                  for g in gains]  # + 0.0: no "-0.0"
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
