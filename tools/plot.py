@@ -224,9 +224,9 @@ def online_gain(by_group: dict) -> list[dict]:
         if o2o[0].args.get("exp_name") != "deflow_o2o":
             continue
         for (control_label, control_env), control in sorted(by_group.items()):
-            end = {r.args["seed"]: r for r in control if r.steps[-1] == o2o[0].steps[-1]}
-            if control_env != env_name or control[0].args.get("exp_name") != "deflow_offline" or not end:
+            if control_env != env_name or control[0].args.get("exp_name") != "deflow_offline":
                 continue
+            end = {r.args["seed"]: r for r in control if r.steps[-1] == o2o[0].steps[-1]}
             pairs = sorted((r.args["seed"], r.scores[-1], end[r.args["seed"]].scores[-1]) for r in o2o
                            if r.args["seed"] in end)
             if not pairs:

@@ -104,7 +104,7 @@ def plan(args: Args, extra: list[str]) -> list[Job]:
             job_dir = Path(args.sweep_dir).resolve() / script.stem / run_name_of(env_name) / f"seed{seed}"
             command = [sys.executable, str(ROOT / script.name), "--env-name", env_name, "--seed", str(seed),
                        "--run-dir", str(job_dir), "--save-interval", str(args.save_interval), *recipe, *extra]
-            checkpoints = sorted(job_dir.glob("*/checkpoint.pt"), key=os.path.getmtime)
+            checkpoints = checkpoints_in(job_dir)
             finished = (job_dir / "finished").exists() and not args.extend
             state = "finished" if finished else "resume" if checkpoints else "new"
             copy_from = None
@@ -119,10 +119,15 @@ def plan(args: Args, extra: list[str]) -> list[Job]:
     return jobs
 
 
+def checkpoints_in(job_dir: Path) -> list[Path]:
+    """The checkpoints of a job folder's run folders, oldest first."""
+    return sorted(job_dir.glob("*/checkpoint.pt"), key=os.path.getmtime)
+
+
 def start_checkpoint(sweep_dir: str, env_name: str, seed: int) -> Path:
     """--start-from: the latest deflow_offline.py checkpoint of (task, seed) in another sweep's folder."""
     folder = Path(sweep_dir).resolve() / "deflow_offline" / run_name_of(env_name) / f"seed{seed}"
-    sources = sorted(folder.glob("*/checkpoint.pt"), key=os.path.getmtime)
+    sources = checkpoints_in(folder)
     if not sources:
         sys.exit(f"error: --start-from {sweep_dir}: no deflow_offline.py checkpoint of {env_name} seed {seed} in "
                  f"{folder} (run that sweep first)")
