@@ -40,7 +40,7 @@ class Args:
     exp_name: str = "deflow_o2o"
     """experiment name (part of the run folder's name)"""
     seed: int = 0
-    """seed of python, numpy, torch and evaluation episodes"""
+    """seed of python, numpy, torch and evaluation episodes (never of generated data)"""
     env_name: str = "cube-double-play-singletask-v0"
     """OGBench <dataset>-singletask[-taskN]-v0, or a Minari id (D4RL/antmaze/large-play-v1)"""
     device: str = "auto"
@@ -72,7 +72,7 @@ class Args:
     balanced_sampling: bool = False
     """online, draw half of each batch from the dataset and half from a separate online buffer of --buffer-size"""
     log_interval: int = 5000
-    """log training and validation losses every this many updates"""
+    """log training and validation losses every this many updates (0: at the end only)"""
     eval_interval: int = 100_000
     """evaluate at update 1, every this many updates and at the end of each phase (0: never)"""
     eval_episodes: int = 50
@@ -86,7 +86,7 @@ class Args:
     video_episodes: int = 1
     """evaluation episodes recorded by --capture-video"""
     save_interval: int = 1_000_000
-    """write checkpoint.pt every this many updates (and at the end)"""
+    """write checkpoint.pt every this many updates and at the end (0: at the end only)"""
     lr: float = 3e-4
     """Adam learning rate (log_alpha's too)"""
     batch_size: int = 256
@@ -225,7 +225,7 @@ class DeFlowAgent(nn.Module):
         self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e
 
 
-# The policy. Its N(0, I) noise is an input: the update draws it from the global stream, evaluation per episode.
+# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream, evaluation per episode.
 def flow_actions(flow, obs, noise, flow_steps):
     """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K (clipped only at the end)."""
     x = noise
@@ -256,13 +256,15 @@ def autocast(args, device, rollout):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def update_noise(batch_size, action_dim, device, with_mse=False):
-    """The update's draws, made outside the losses: eager and compiled code see the same numbers."""
-    noise = torch.randn((3 + with_mse, batch_size, action_dim), device=device)  # official: one key split per use
-    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2]}
-    if with_mse:
-        draws["mse"] = noise[3]
-    return {**draws, "t": torch.rand((batch_size, 1), device=device)}
+def update_noise(batch_size, action_dim, device, generator=None, mse_rng=None):
+    """The update's draws from `generator` (None: torch's global stream), made outside the losses: eager and compiled
+    code see the same numbers. With mse_rng, also the noise of the logged mse's rollout, drawn from that stream."""
+    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)  # official: a key per use
+    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2],
+             "t": torch.rand((batch_size, 1), device=device, generator=generator)}
+    if mse_rng is not None:
+        draws["mse"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
+    return draws
 
 
 # The update. Who learns from what (one backward of the sum, one Adam step):
@@ -324,9 +326,10 @@ def deflow_losses(agent, batch, noise, args, train_flow=True):
     return critic_loss + actor_loss, metrics
 
 
-def update(agent, optimizer, batch, args, with_mse=False, train_flow=True, losses=deflow_losses):
-    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step."""
-    noise = update_noise(*batch["actions"].shape, batch["actions"].device, with_mse)
+def update(agent, optimizer, batch, args, log_rng=None, train_flow=True, losses=deflow_losses):
+    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step; with log_rng
+    (logging steps), also the logged mse, its noise from log_rng."""
+    noise = update_noise(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
     with autocast(args, batch["actions"].device, rollout=False):
         loss, metrics = losses(agent, batch, noise, args, train_flow)
     optimizer.zero_grad(set_to_none=True)
@@ -337,8 +340,8 @@ def update(agent, optimizer, batch, args, with_mse=False, train_flow=True, losse
     return {k: v.detach() for k, v in metrics.items()}
 
 
-def sample_batch(data, batch_size):
-    idx = torch.randint(len(data["actions"]), (batch_size,), device=data["actions"].device)
+def sample_batch(data, batch_size, generator=None):
+    idx = torch.randint(len(data["actions"]), (batch_size,), device=data["actions"].device, generator=generator)
     return {k: v[idx] for k, v in data.items()}
 
 
@@ -402,13 +405,16 @@ def draw_batch(buffer, dataset, batch_size, online):
 def episode_state(episode, action_dim):
     """The training episode for a checkpoint (tensors, not numpy arrays: checkpoints load with weights_only)."""
     return {**vars(episode), "obs": None if episode.obs is None else torch.as_tensor(episode.obs),
-            "actions": torch.as_tensor(np.array(episode.actions).reshape(-1, action_dim))}
+            "actions": torch.as_tensor(np.array(episode.actions).reshape(-1, action_dim)),
+            "noise": None if episode.noise is None else episode.noise.get_state()}
 
 
-def resume_episode(env, saved):
+def resume_episode(env, saved, device):
     """A checkpoint's training episode, the environment brought back to it by a reset with its seed and its actions
     repeated (MuJoCo is deterministic); where that does not reproduce its state, a new episode, with a warning."""
-    episode = SimpleNamespace(**{**saved, "obs": None, "actions": list(saved["actions"].numpy())})
+    episode = SimpleNamespace(**{**saved, "obs": None, "actions": list(saved["actions"].numpy()), "noise": None})
+    if saved["noise"] is not None:  # its action noise stream, where it was
+        episode.noise = torch.Generator(device).set_state(saved["noise"])
     if not episode.done:
         episode.obs, _ = env.reset(seed=episode.seed)
         for action in episode.actions:
@@ -421,9 +427,11 @@ def resume_episode(env, saved):
 
 
 # Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time, one batched
-# policy call per step; episode j is reset with seed + j and draws its noise from a generator of seed + j.
+# policy call per step. Episode j of the evaluation at update `step` takes its reset seed and its noise stream from
+# SeedSequence([seed, step, j]): no two episodes of any evaluation of any run share a start state or noise
+# (officially every episode resets unseeded).
 @torch.no_grad()
-def evaluate(agent, envs, num_episodes, args, seed, video_episodes=0, policy=sample_actions, noise_shape=()):
+def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions, noise_shape=()):
     """(metrics, {episode: video frames}); policy(agent, obs, noise of shape (B, *noise_shape, A), flow_steps)."""
     device, episodes = agent.log_alpha.device, iter(range(num_episodes))
     running, finished, videos = {}, [], {}  # env index -> its episode's state; (success, return, length) of each
@@ -431,8 +439,9 @@ def evaluate(agent, envs, num_episodes, args, seed, video_episodes=0, policy=sam
         starts = {i: episode for i in range(envs.num_envs) if i not in running
                   and (episode := next(episodes, None)) is not None}
         record = [i for i, episode in starts.items() if episode < video_episodes]
-        for i, obs in envs.reset({i: seed + episode for i, episode in starts.items()}, record).items():
-            running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(seed + starts[i]), "episode": starts[i],
+        seeds = {i: np.random.SeedSequence([seed, step, episode]).generate_state(2) for i, episode in starts.items()}
+        for i, obs in envs.reset({i: int(s[0]) for i, s in seeds.items()}, record).items():
+            running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(int(seeds[i][1])), "episode": starts[i],
                           "return": 0.0, "length": 0}
         if not running:
             break
@@ -472,7 +481,7 @@ if __name__ == "__main__":
 
     try:
         env, train_np, val_np = load_env_and_datasets(args.env_name, args.dataset_dir, args.dataset_path,
-                                                      args.generate_episodes, args.num_workers, args.seed)
+                                                      args.generate_episodes, args.num_workers)
     except DatasetError as e:
         sys.exit(f"error: {e}")
     eval_envs = EnvPool(args.env_name, max(1, min(args.eval_envs, args.eval_episodes)) if args.eval_interval else 0,
@@ -497,22 +506,26 @@ if __name__ == "__main__":
 
     agent = DeFlowAgent(obs_dim, action_dim, args).to(device)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, fused=True)
-    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device)
-    act_noise = torch.Generator(device).manual_seed(args.seed)  # the online actions' noise: a stream of its own
+    # Updates draw from torch's global stream; validation and the logged mse from log_rng: logging never steers training.
+    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]  # (evaluations: [seed, update >= 1, j])
+    log_rng = torch.Generator(device).manual_seed(int(log_seed))
+    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device, log_rng)
+    if from_offline and start_step - 1 > args.offline_steps:
+        sys.exit(f"error: {args.resume} is at update {start_step - 1}, past --offline-steps {args.offline_steps}, so "
+                 f"the online phase would be cut short; give --offline-steps {start_step - 1} to go online from it")
     nan = float("nan")  # the training episode under way, and exploration/*: the last finished one's results
-    episode = SimpleNamespace(done=True, obs=None, seed=None, actions=[], ret=0.0, started=0, exploration={
+    episode = SimpleNamespace(done=True, obs=None, seed=None, noise=None, actions=[], ret=0.0, started=0, exploration={
         "exploration/success": nan, "exploration/episode.return": nan, "exploration/episode.length": nan,
         "exploration/episodes": 0})
-    if resumed:  # its online rows, noise stream and training episode too
-        if "episode" not in checkpoint:
-            sys.exit(f"error: {args.resume} was written by an older deflow_o2o.py (commit 1643246 or before), whose "
+    if resumed:  # its online rows and training episode too
+        if "noise" not in checkpoint.get("episode", {}):
+            sys.exit(f"error: {args.resume} was written by an older deflow_o2o.py (before per-episode seeds), whose "
                      "training-episode state this one does not read; finish it with that version")
         try:
             buffer.load_online_state(checkpoint["buffer"])
         except ValueError as e:
             sys.exit(f"error: checkpoint {args.resume} does not fit this dataset and --buffer-size: {e}")
-        act_noise.set_state(checkpoint["rng"]["act"])
-        episode = resume_episode(env, checkpoint["episode"])
+        episode = resume_episode(env, checkpoint["episode"], device)
     run = RunLog(args, run_name_of(args.env_name), checkpoint["step"] if resumed else None)
     if iav_report is not None:
         run.json("iav.json", iav_report)
@@ -536,13 +549,15 @@ if __name__ == "__main__":
         online = step > args.offline_steps
         if online:  # one environment step of the current policy, stored before the update
             env_start = time.perf_counter()
-            if episode.done:  # episode k: reset with seed + 1,000,000 + k, no evaluation seed (officially unseeded)
-                episode.seed, episode.actions, episode.ret = args.seed + 1_000_000 + episode.started, [], 0.0
+            if episode.done:  # episode k: reset seed and noise from SeedSequence([seed, 0, k + 1]) (officially unseeded)
+                reset_seed, noise_seed = np.random.SeedSequence([args.seed, 0, episode.started + 1]).generate_state(2)
+                episode.seed, episode.actions, episode.ret = int(reset_seed), [], 0.0
+                episode.noise = torch.Generator(device).manual_seed(int(noise_seed))
                 episode.obs, _ = env.reset(seed=episode.seed)
                 episode.started += 1
             with torch.no_grad(), autocast(args, device, rollout=True):
                 obs = torch.as_tensor(episode.obs, dtype=torch.float32, device=device)[None]
-                noise = torch.randn((1, action_dim), device=device, generator=act_noise)
+                noise = torch.randn((1, action_dim), device=device, generator=episode.noise)
                 action = sample_actions(agent, obs, noise, args.flow_steps)[0].float().cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
             buffer.add(transition(episode.obs, action, reward + reward_offset(args.env_name), terminated, truncated,
@@ -555,12 +570,12 @@ if __name__ == "__main__":
                     "exploration/episode.length": len(episode.actions), "exploration/episodes": episode.started}
             env_time, env_steps = env_time + time.perf_counter() - env_start, env_steps + 1
         is_phase_end = step in (args.offline_steps, total_steps)
-        is_log_step = step % args.log_interval == 0 or is_phase_end
-        is_save_step = step % args.save_interval == 0 or step == total_steps
+        is_log_step = is_phase_end or args.log_interval > 0 and step % args.log_interval == 0
+        is_save_step = step == total_steps or args.save_interval > 0 and step % args.save_interval == 0
         if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
-        metrics = update(agent, optimizer, draw_batch(buffer, train_data, args.batch_size, online), args, is_log_step,
-                         train_flow=not (online and args.fix_bc_flow_online), losses=losses_fn)
+        metrics = update(agent, optimizer, draw_batch(buffer, train_data, args.batch_size, online), args,
+                         log_rng if is_log_step else None, not (online and args.fix_bc_flow_online), losses_fn)
         watch.update(metrics, step)
         if is_log_step or is_save_step:
             watch.check(run.dir)  # a host sync: only here
@@ -568,8 +583,8 @@ if __name__ == "__main__":
             row = {f"training/{k}": v.item() for k, v in metrics.items()}
             if val_data is not None:
                 with torch.no_grad(), autocast(args, device, rollout=False):
-                    val_batch = sample_batch(val_data, args.batch_size)
-                    val_noise = update_noise(args.batch_size, action_dim, device, with_mse=True)
+                    val_batch = sample_batch(val_data, args.batch_size, log_rng)
+                    val_noise = update_noise(args.batch_size, action_dim, device, log_rng, mse_rng=log_rng)
                     _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
                 row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
             now = time.time()
@@ -582,7 +597,7 @@ if __name__ == "__main__":
                 "critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/alpha_value", "actor/q",
                 "actor/mse")) + (f"  | {episode.started} training episodes" if online else ""))
         if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or is_phase_end):
-            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed,
+            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, step,
                                             args.video_episodes if args.capture_video else 0)
             run.write("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             run.videos(videos, step)
@@ -590,7 +605,7 @@ if __name__ == "__main__":
         if is_save_step:
             save_checkpoint(run.dir / "checkpoint.pt", {
                 "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": {**rng_state(device), "act": act_noise.get_state()},
+                "optimizer": optimizer.state_dict(), "rng": rng_state(device, log_rng),
                 "buffer": buffer.online_state(), "episode": episode_state(episode, action_dim)})
         if step == args.offline_steps and args.online_steps > 0:
             tqdm.write(f"step {step}: offline phase done, going online for {args.online_steps} environment steps"

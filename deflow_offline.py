@@ -37,7 +37,7 @@ class Args:
     exp_name: str = "deflow_offline"
     """experiment name (part of the run folder's name)"""
     seed: int = 0
-    """seed of python, numpy, torch and evaluation episodes"""
+    """seed of python, numpy, torch and evaluation episodes (never of generated data)"""
     env_name: str = "cube-double-play-singletask-v0"
     """OGBench <dataset>-singletask[-taskN]-v0, or a Minari id (D4RL/antmaze/large-play-v1)"""
     device: str = "auto"
@@ -63,7 +63,7 @@ class Args:
     offline_steps: int = 1_000_000
     """number of gradient updates"""
     log_interval: int = 5000
-    """log training and validation losses every this many updates"""
+    """log training and validation losses every this many updates (0: at the end only)"""
     eval_interval: int = 100_000
     """evaluate at update 1, every this many updates and at the end (0: never)"""
     eval_episodes: int = 50
@@ -77,7 +77,7 @@ class Args:
     video_episodes: int = 1
     """evaluation episodes recorded by --capture-video"""
     save_interval: int = 1_000_000
-    """write checkpoint.pt every this many updates (and at the end)"""
+    """write checkpoint.pt every this many updates and at the end (0: at the end only)"""
     lr: float = 3e-4
     """Adam learning rate (log_alpha's too)"""
     batch_size: int = 256
@@ -214,7 +214,7 @@ class DeFlowAgent(nn.Module):
         self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e
 
 
-# The policy. Its N(0, I) noise is an input: the update draws it from the global stream, evaluation per episode.
+# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream, evaluation per episode.
 def flow_actions(flow, obs, noise, flow_steps):
     """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K (clipped only at the end)."""
     x = noise
@@ -245,13 +245,15 @@ def autocast(args, device, rollout):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def update_noise(batch_size, action_dim, device, with_mse=False):
-    """The update's draws, made outside the losses: eager and compiled code see the same numbers."""
-    noise = torch.randn((3 + with_mse, batch_size, action_dim), device=device)  # official: one key split per use
-    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2]}
-    if with_mse:
-        draws["mse"] = noise[3]
-    return {**draws, "t": torch.rand((batch_size, 1), device=device)}
+def update_noise(batch_size, action_dim, device, generator=None, mse_rng=None):
+    """The update's draws from `generator` (None: torch's global stream), made outside the losses: eager and compiled
+    code see the same numbers. With mse_rng, also the noise of the logged mse's rollout, drawn from that stream."""
+    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)  # official: a key per use
+    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2],
+             "t": torch.rand((batch_size, 1), device=device, generator=generator)}
+    if mse_rng is not None:
+        draws["mse"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
+    return draws
 
 
 # The update. Who learns from what (one backward of the sum, one Adam step):
@@ -310,9 +312,10 @@ def deflow_losses(agent, batch, noise, args):
     return critic_loss + actor_loss, metrics
 
 
-def update(agent, optimizer, batch, args, with_mse=False, losses=deflow_losses):
-    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step."""
-    noise = update_noise(*batch["actions"].shape, batch["actions"].device, with_mse)
+def update(agent, optimizer, batch, args, log_rng=None, losses=deflow_losses):
+    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step; with log_rng
+    (logging steps), also the logged mse, its noise from log_rng."""
+    noise = update_noise(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
     with autocast(args, batch["actions"].device, rollout=False):
         loss, metrics = losses(agent, batch, noise, args)
     optimizer.zero_grad(set_to_none=True)
@@ -323,15 +326,17 @@ def update(agent, optimizer, batch, args, with_mse=False, losses=deflow_losses):
     return {k: v.detach() for k, v in metrics.items()}
 
 
-def sample_batch(data, batch_size):
-    idx = torch.randint(len(data["actions"]), (batch_size,), device=data["actions"].device)
+def sample_batch(data, batch_size, generator=None):
+    idx = torch.randint(len(data["actions"]), (batch_size,), device=data["actions"].device, generator=generator)
     return {k: v[idx] for k, v in data.items()}
 
 
 # Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time, one batched
-# policy call per step; episode j is reset with seed + j and draws its noise from a generator of seed + j.
+# policy call per step. Episode j of the evaluation at update `step` takes its reset seed and its noise stream from
+# SeedSequence([seed, step, j]): no two episodes of any evaluation of any run share a start state or noise
+# (officially every episode resets unseeded).
 @torch.no_grad()
-def evaluate(agent, envs, num_episodes, args, seed, video_episodes=0, policy=sample_actions, noise_shape=()):
+def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions, noise_shape=()):
     """(metrics, {episode: video frames}); policy(agent, obs, noise of shape (B, *noise_shape, A), flow_steps)."""
     device, episodes = agent.log_alpha.device, iter(range(num_episodes))
     running, finished, videos = {}, [], {}  # env index -> its episode's state; (success, return, length) of each
@@ -339,8 +344,9 @@ def evaluate(agent, envs, num_episodes, args, seed, video_episodes=0, policy=sam
         starts = {i: episode for i in range(envs.num_envs) if i not in running
                   and (episode := next(episodes, None)) is not None}
         record = [i for i, episode in starts.items() if episode < video_episodes]
-        for i, obs in envs.reset({i: seed + episode for i, episode in starts.items()}, record).items():
-            running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(seed + starts[i]), "episode": starts[i],
+        seeds = {i: np.random.SeedSequence([seed, step, episode]).generate_state(2) for i, episode in starts.items()}
+        for i, obs in envs.reset({i: int(s[0]) for i, s in seeds.items()}, record).items():
+            running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(int(seeds[i][1])), "episode": starts[i],
                           "return": 0.0, "length": 0}
         if not running:
             break
@@ -373,7 +379,7 @@ if __name__ == "__main__":
 
     try:
         _, train_np, val_np = load_env_and_datasets(args.env_name, args.dataset_dir, args.dataset_path,
-                                                    args.generate_episodes, args.num_workers, args.seed)
+                                                    args.generate_episodes, args.num_workers)
     except DatasetError as e:
         sys.exit(f"error: {e}")
     eval_envs = EnvPool(args.env_name, max(1, min(args.eval_envs, args.eval_episodes)) if args.eval_interval else 0,
@@ -391,7 +397,10 @@ if __name__ == "__main__":
 
     agent = DeFlowAgent(obs_dim, action_dim, args).to(device)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, fused=True)
-    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device)
+    # Updates draw from torch's global stream; validation and the logged mse from log_rng: logging never steers training.
+    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]  # (evaluations: [seed, update >= 1, j])
+    log_rng = torch.Generator(device).manual_seed(int(log_seed))
+    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device, log_rng)
     run = RunLog(args, run_name_of(args.env_name), None if checkpoint is None else checkpoint["step"])
     if iav_report is not None:
         run.json("iav.json", iav_report)
@@ -407,11 +416,12 @@ if __name__ == "__main__":
     last_log_time, last_log_step = start_time, start_step - 1
     for step in tqdm(range(start_step, args.offline_steps + 1), initial=start_step - 1, total=args.offline_steps,
                      smoothing=0.1, dynamic_ncols=True):
-        is_log_step = step % args.log_interval == 0 or step == args.offline_steps
-        is_save_step = step % args.save_interval == 0 or step == args.offline_steps
+        is_log_step = step == args.offline_steps or args.log_interval > 0 and step % args.log_interval == 0
+        is_save_step = step == args.offline_steps or args.save_interval > 0 and step % args.save_interval == 0
         if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
-        metrics = update(agent, optimizer, sample_batch(train_data, args.batch_size), args, is_log_step, losses_fn)
+        metrics = update(agent, optimizer, sample_batch(train_data, args.batch_size), args,
+                         log_rng if is_log_step else None, losses_fn)
         watch.update(metrics, step)
         if is_log_step or is_save_step:
             watch.check(run.dir)  # a host sync: only here
@@ -419,8 +429,8 @@ if __name__ == "__main__":
             row = {f"training/{k}": v.item() for k, v in metrics.items()}
             if val_data is not None:
                 with torch.no_grad(), autocast(args, device, rollout=False):
-                    val_batch = sample_batch(val_data, args.batch_size)
-                    val_noise = update_noise(args.batch_size, action_dim, device, with_mse=True)
+                    val_batch = sample_batch(val_data, args.batch_size, log_rng)
+                    val_noise = update_noise(args.batch_size, action_dim, device, log_rng, mse_rng=log_rng)
                     _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
                 row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
             now = time.time()
@@ -432,7 +442,7 @@ if __name__ == "__main__":
                 "critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/alpha_value", "actor/q",
                 "actor/mse")))
         if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or step == args.offline_steps):
-            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed,
+            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, step,
                                             args.video_episodes if args.capture_video else 0)
             run.write("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             run.videos(videos, step)
@@ -440,6 +450,6 @@ if __name__ == "__main__":
         if is_save_step:
             save_checkpoint(run.dir / "checkpoint.pt", {
                 "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(device)})
+                "optimizer": optimizer.state_dict(), "rng": rng_state(device, log_rng)})
     print(f"done: {run.dir}")
     run.finish()

@@ -38,7 +38,7 @@ class Args:
     exp_name: str = "deflow_pixels"
     """name of this experiment (part of the run folder's name)"""
     seed: int = 0
-    """seed of python, numpy, torch and the evaluation episodes"""
+    """seed of python, numpy, torch and evaluation episodes (never of generated data)"""
     env_name: str = "visual-cube-single-play-singletask-task1-v0"
     """visual OGBench visual-<dataset>-singletask[-taskN]-v0 (the paper's pixel tasks are task1)"""
     device: str = "auto"
@@ -66,7 +66,7 @@ class Args:
     offline_steps: int = 500_000
     """number of gradient updates"""
     log_interval: int = 5000
-    """log training and validation losses every this many updates"""
+    """log training and validation losses every this many updates (0: at the end only)"""
     eval_interval: int = 100_000
     """evaluate at update 1, every this many updates and at the end (0: never)"""
     eval_episodes: int = 50
@@ -82,7 +82,7 @@ class Args:
     video_episodes: int = 1
     """evaluation episodes recorded by --capture-video"""
     save_interval: int = 500_000
-    """write checkpoint.pt every this many updates (and at the end)"""
+    """write checkpoint.pt every this many updates and at the end (0: at the end only)"""
     frame_stack: int = 3
     """frames stacked on the channel axis (dataset: clamped at episode starts; environment: reset frame repeated)"""
     p_aug: float = 0.5
@@ -275,7 +275,7 @@ class DeFlowAgent(nn.Module):
         self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e
 
 
-# The policy. Its N(0, I) noise is an input: the update draws it from the global stream, evaluation per episode.
+# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream, evaluation per episode.
 # The flow and the refinement network take features: each encodes the frames once.
 def flow_actions(flow, features, noise, flow_steps):
     """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K (clipped only at the end)."""
@@ -308,13 +308,15 @@ def autocast(args, device, rollout):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def update_noise(batch_size, action_dim, device, with_mse=False):
-    """The update's draws, made outside the losses: eager and compiled code see the same numbers."""
-    noise = torch.randn((3 + with_mse, batch_size, action_dim), device=device)  # official: one key split per use
-    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2]}
-    if with_mse:
-        draws["mse"] = noise[3]
-    return {**draws, "t": torch.rand((batch_size, 1), device=device)}
+def update_noise(batch_size, action_dim, device, generator=None, mse_rng=None):
+    """The update's draws from `generator` (None: torch's global stream), made outside the losses: eager and compiled
+    code see the same numbers. With mse_rng, also the noise of the logged mse's rollout, drawn from that stream."""
+    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)  # official: a key per use
+    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2],
+             "t": torch.rand((batch_size, 1), device=device, generator=generator)}
+    if mse_rng is not None:
+        draws["mse"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
+    return draws
 
 
 # The update. Who learns from what (one backward of the sum, one Adam step):
@@ -380,9 +382,10 @@ def deflow_losses(agent, batch, noise, args):
     return critic_loss + actor_loss, metrics
 
 
-def update(agent, optimizer, batch, args, with_mse=False, losses=deflow_losses):
-    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step."""
-    noise = update_noise(*batch["actions"].shape, batch["actions"].device, with_mse)
+def update(agent, optimizer, batch, args, log_rng=None, losses=deflow_losses):
+    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step; with log_rng
+    (logging steps), also the logged mse, its noise from log_rng."""
+    noise = update_noise(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
     with autocast(args, batch["actions"].device, rollout=False):
         loss, metrics = losses(agent, batch, noise, args)
     optimizer.zero_grad(set_to_none=True)
@@ -402,12 +405,12 @@ def stack_frames(frames, starts, idx, frame_stack):
     return frames[rows].permute(0, 2, 3, 1, 4).flatten(3)  # (B, k, H, W, 3) -> (B, H, W, k * 3)
 
 
-def random_shift(obs, next_obs, p_aug, pad=3):
+def random_shift(obs, next_obs, p_aug, pad=3, generator=None):
     """With probability p_aug (one coin per batch): edge-pad by `pad` and crop back at an offset per sample in
     {0..2 pad}^2, the same for obs and next_obs. Clamped indexing (the same pixels); tails: the centre, no shift."""
     batch, height, width = obs.shape[:3]
-    apply = torch.rand((), device=obs.device) < p_aug
-    offsets = torch.randint(0, 2 * pad + 1, (2, batch, 1), device=obs.device)
+    apply = torch.rand((), device=obs.device, generator=generator) < p_aug
+    offsets = torch.randint(0, 2 * pad + 1, (2, batch, 1), device=obs.device, generator=generator)
     dy, dx = torch.where(apply, offsets, pad).unbind(0)
     rows = (torch.arange(height, device=obs.device) + dy - pad).clamp(0, height - 1)  # (B, H)
     cols = (torch.arange(width, device=obs.device) + dx - pad).clamp(0, width - 1)  # (B, W)
@@ -415,21 +418,22 @@ def random_shift(obs, next_obs, p_aug, pad=3):
     return obs[b, rows[:, :, None], cols[:, None, :]], next_obs[b, rows[:, :, None], cols[:, None, :]]
 
 
-def sample_batch(data, batch_size, frame_stack, p_aug):
+def sample_batch(data, batch_size, frame_stack, p_aug, generator=None):
     valid = data["valid"]
-    idx = valid[torch.randint(len(valid), (batch_size,), device=valid.device)]
+    idx = valid[torch.randint(len(valid), (batch_size,), device=valid.device, generator=generator)]
     obs = stack_frames(data["frames"], data["starts"], idx, frame_stack)
     next_obs = stack_frames(data["frames"], data["starts"], idx + 1, frame_stack)  # [o_{t-k+2}, ..., o_{t+1}]
-    obs, next_obs = random_shift(obs, next_obs, p_aug)
+    obs, next_obs = random_shift(obs, next_obs, p_aug, generator=generator)
     return {"observations": obs, "next_observations": next_obs, "actions": data["actions"][idx],
             "rewards": data["rewards"][idx], "masks": data["masks"][idx]}
 
 
 # Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time, one batched
-# policy call per step; episode j is reset with seed + j and draws its noise from a generator of seed + j. Each keeps
-# its last frame_stack frames, filled with the reset frame at reset.
+# policy call per step. Episode j of the evaluation at update `step` takes its reset seed and its noise stream from
+# SeedSequence([seed, step, j]): no two episodes of any evaluation of any run share a start state or noise
+# (officially every episode resets unseeded). Each keeps its last frame_stack frames, the reset frame at first.
 @torch.no_grad()
-def evaluate(agent, envs, num_episodes, args, seed, video_episodes=0, policy=sample_actions, noise_shape=()):
+def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions, noise_shape=()):
     """(metrics, {episode: video frames}); policy(agent, obs, noise of shape (B, *noise_shape, A), flow_steps)."""
     device, episodes = agent.log_alpha.device, iter(range(num_episodes))
     running, finished, videos = {}, [], {}  # env index -> its episode's state; (success, return, length) of each
@@ -437,9 +441,10 @@ def evaluate(agent, envs, num_episodes, args, seed, video_episodes=0, policy=sam
         starts = {i: episode for i in range(envs.num_envs) if i not in running
                   and (episode := next(episodes, None)) is not None}
         record = [i for i, episode in starts.items() if episode < video_episodes]
-        for i, obs in envs.reset({i: seed + episode for i, episode in starts.items()}, record).items():
+        seeds = {i: np.random.SeedSequence([seed, step, episode]).generate_state(2) for i, episode in starts.items()}
+        for i, obs in envs.reset({i: int(s[0]) for i, s in seeds.items()}, record).items():
             running[i] = {"obs": deque([obs] * args.frame_stack, maxlen=args.frame_stack),
-                          "noise": torch.Generator().manual_seed(seed + starts[i]), "episode": starts[i],
+                          "noise": torch.Generator().manual_seed(int(seeds[i][1])), "episode": starts[i],
                           "return": 0.0, "length": 0}
         if not running:
             break
@@ -475,7 +480,7 @@ if __name__ == "__main__":
     try:
         _, train_data, val_data, memory = load_visual_datasets(
             args.env_name, device, args.dataset_dir, args.dataset_path, args.generate_episodes, args.num_workers,
-            args.seed, args.dataset_fraction)
+            args.dataset_fraction)
     except DatasetError as e:
         sys.exit(f"error: {e}")
     print(f"dataset: {memory}")
@@ -487,7 +492,10 @@ if __name__ == "__main__":
 
     agent = DeFlowAgent(image_shape, action_dim, args).to(device)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, fused=True)
-    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device)
+    # Updates draw from torch's global stream; validation and the logged mse from log_rng: logging never steers training.
+    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]  # (evaluations: [seed, update >= 1, j])
+    log_rng = torch.Generator(device).manual_seed(int(log_seed))
+    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device, log_rng)
     run = RunLog(args, args.env_name, None if checkpoint is None else checkpoint["step"])
     print(f"{'resuming' if checkpoint else 'new run'} {run.dir} at step {start_step}: {len(train_data['valid'])} "
           f"transitions, images {'x'.join(map(str, image_shape))}, actions {action_dim}, "
@@ -502,20 +510,20 @@ if __name__ == "__main__":
     last_log_time, last_log_step = start_time, start_step - 1
     for step in tqdm(range(start_step, args.offline_steps + 1), initial=start_step - 1, total=args.offline_steps,
                      smoothing=0.1, dynamic_ncols=True):
-        is_log_step = step % args.log_interval == 0 or step == args.offline_steps
-        is_save_step = step % args.save_interval == 0 or step == args.offline_steps
+        is_log_step = step == args.offline_steps or args.log_interval > 0 and step % args.log_interval == 0
+        is_save_step = step == args.offline_steps or args.save_interval > 0 and step % args.save_interval == 0
         if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
         batch = sample_batch(train_data, args.batch_size, args.frame_stack, args.p_aug)
-        metrics = update(agent, optimizer, batch, args, is_log_step, losses_fn)
+        metrics = update(agent, optimizer, batch, args, log_rng if is_log_step else None, losses_fn)
         watch.update(metrics, step)
         if is_log_step or is_save_step:
             watch.check(run.dir)  # a host sync: only here
         if is_log_step:
             row = {f"training/{k}": v.item() for k, v in metrics.items()}
             with torch.no_grad(), autocast(args, device, rollout=False):  # validation batches are shifted too
-                val_batch = sample_batch(val_data, args.batch_size, args.frame_stack, args.p_aug)
-                val_noise = update_noise(args.batch_size, action_dim, device, with_mse=True)
+                val_batch = sample_batch(val_data, args.batch_size, args.frame_stack, args.p_aug, log_rng)
+                val_noise = update_noise(args.batch_size, action_dim, device, log_rng, mse_rng=log_rng)
                 _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
             row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
             now = time.time()
@@ -527,7 +535,7 @@ if __name__ == "__main__":
                 "critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/alpha_value", "actor/q",
                 "actor/mse")))
         if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or step == args.offline_steps):
-            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed,
+            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, step,
                                             args.video_episodes if args.capture_video else 0)
             run.write("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             run.videos(videos, step)
@@ -535,6 +543,6 @@ if __name__ == "__main__":
         if is_save_step:
             save_checkpoint(run.dir / "checkpoint.pt", {
                 "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(device)})
+                "optimizer": optimizer.state_dict(), "rng": rng_state(device, log_rng)})
     print(f"done: {run.dir}")
     run.finish()

@@ -13,6 +13,7 @@ the function `make_env_and_datasets` calls.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import urllib.error
@@ -85,8 +86,10 @@ def _val_path(train_path: Path) -> Path:
 
 
 def _resolve_files(env_name: str, dataset_dir: str, dataset_path: str | None, generate_episodes: int,
-                   num_workers: int, seed: int) -> Path:
-    """Find (or download, or generate) the training file; return its path. Its validation file sits next to it."""
+                   num_workers: int) -> Path:
+    """Find (or download, or generate) the training file; return its path. Its validation file sits next to it.
+    Generated files depend only on their settings (data seed 0), never on the run; runs that ask for the same missing
+    file at once (a sweep over seeds) take turns through a lock: the first generates it, the others then load it."""
     name = dataset_name_of(env_name)
     local_hint = f"data/{name.replace('-v0', '')}-1000ep.npz"
     if dataset_path is not None:
@@ -95,7 +98,14 @@ def _resolve_files(env_name: str, dataset_dir: str, dataset_path: str | None, ge
             raise DatasetError(f"--dataset-path must be a .npz file (got {train})")
         missing = [p for p in (train, _val_path(train)) if not p.exists()]
         if missing and generate_episodes > 0:
-            generate_dataset(env_name, generate_episodes, train, num_workers=num_workers, seed=seed)
+            train.parent.mkdir(parents=True, exist_ok=True)
+            with open(train.with_name(train.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (also if this process dies)
+                if not (train.exists() and _val_path(train).exists()):
+                    try:
+                        generate_dataset(env_name, generate_episodes, train, num_workers=num_workers)
+                    except ValueError as e:  # no oracle for this dataset: the message says what to do instead
+                        raise DatasetError(str(e)) from None
         elif missing:
             raise DatasetError(
                 f"dataset file {missing[0]} does not exist. Generate it locally (no internet needed) with\n"
@@ -160,7 +170,7 @@ def check_finite(data: dict[str, np.ndarray], source: str) -> None:
 
 
 def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", dataset_path: str | None = None,
-                          generate_episodes: int = 0, num_workers: int = 1, seed: int = 0):
+                          generate_episodes: int = 0, num_workers: int = 1):
     """Return (env, train, val): the single-task environment and two dicts of numpy arrays with the keys KEYS.
 
     `dataset_path` names a local training file (its validation file is the same name with -val.npz); without it the
@@ -187,7 +197,7 @@ def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", d
     obs_shape, act_shape = env.observation_space.shape, env.action_space.shape
     if len(obs_shape) != 1:
         raise DatasetError(f"{env_name} has image observations {obs_shape}; train it with deflow_pixels.py")
-    train_path = _resolve_files(env_name, dataset_dir, dataset_path, generate_episodes, num_workers, seed)
+    train_path = _resolve_files(env_name, dataset_dir, dataset_path, generate_episodes, num_workers)
     regenerate = generation_command(env_name, str(train_path)) if dataset_path else f"rm {train_path}*  # then rerun"
     try:
         for path in (train_path, _val_path(train_path)):  # check the raw file first: relabeling a foreign one fails
@@ -254,7 +264,7 @@ def _kept_frames(terminals: np.ndarray, fraction: float) -> int:
 
 
 def load_visual_datasets(env_name: str, device, dataset_dir: str = "~/.ogbench/data", dataset_path: str | None = None,
-                         generate_episodes: int = 0, num_workers: int = 1, seed: int = 0, fraction: float = 1.0):
+                         generate_episodes: int = 0, num_workers: int = 1, fraction: float = 1.0):
     """Return (env, train, val, report) for a visual-* task; train and val are dicts of tensors on `device`:
 
     frames (N, H, W, 3) uint8, every stored frame once; actions (N, A), rewards (N,), masks (N,) per frame;
@@ -272,7 +282,7 @@ def load_visual_datasets(env_name: str, device, dataset_dir: str = "~/.ogbench/d
                            "(deflow_pixels.py is for the visual-* environments)")
     if not 0 < fraction <= 1:
         raise DatasetError(f"--dataset-fraction must be in (0, 1] (got {fraction})")
-    train_path = _resolve_files(env_name, dataset_dir, dataset_path, generate_episodes, num_workers, seed)
+    train_path = _resolve_files(env_name, dataset_dir, dataset_path, generate_episodes, num_workers)
     regenerate = generation_command(env_name, str(train_path)) if dataset_path else f"rm {train_path}*  # then rerun"
     paths = {"train": train_path, "val": _val_path(train_path)}
     try:

@@ -15,13 +15,15 @@ frames rendered by MuJoCo: set MUJOCO_GL=egl or osmesa without a display; a CPU 
 (`cube-single-play-singletask-task2-v0`) names the same dataset. Episodes follow OGBench's own generation recipe:
 `--episodes` training episodes plus episodes // 10 validation episodes (at least 1), each `--episode-length` steps
 (1001 in every official dataset, so 1000 episodes make the official 1M transitions). Differences from the official
-generator: every episode is seeded from (--seed, episode index), so the files do not depend on --num-workers but are
-not bit-identical to the published ones; small runs get at least one validation episode.
+generator: every episode is seeded from (--seed, episode index), so a file depends only on its own settings (the data
+seed, default 0, whatever run asks for it; recorded in the file as `generation`) and not on --num-workers, but is not
+bit-identical to the published ones; small runs get at least one validation episode.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import re
@@ -181,9 +183,9 @@ def _navigate_episode(env, cells: tuple[list, list], record, noise: float = 0.2)
 
 
 def generate_episode(index: int) -> dict[str, np.ndarray]:
-    """Collect episode `index` (seeded from the run seed and the index) and return its arrays."""
+    """Collect episode `index` (seeded from the data seed and the index) and return its arrays."""
     w = _worker
-    episode_seed = int(np.random.SeedSequence([w["seed"], index]).generate_state(1)[0])
+    episode_seed = int(np.random.SeedSequence(w["seed"], spawn_key=(index,)).generate_state(1)[0])
     w["env"].reset(seed=episode_seed)  # seeds the environment's own generator
     np.random.seed(episode_seed)  # the oracles and the stacking probability use numpy's global generator
     while True:
@@ -211,9 +213,10 @@ def generate_episode(index: int) -> dict[str, np.ndarray]:
 
 
 def save_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write a compressed .npz so that `path` is either absent or complete, never half-written."""
+    """Write a compressed .npz so that `path` is either absent or complete, never half-written (a temporary name of
+    this process's own: processes writing the same file at once never mix their bytes)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     os.replace(tmp, path)
@@ -237,10 +240,13 @@ def generate_dataset(env_name: str, episodes: int, out: str | Path, num_workers:
                disable=not progress, dynamic_ncols=True)
     results = []
     if num_workers <= 1:
+        global_state = np.random.get_state()  # the oracles draw from numpy's global generator: give it back after
         _init_worker(*init_args)
         for i in range(total):
             results.append(generate_episode(i))
             bar.update(len(results[-1]["actions"]))
+        np.random.set_state(global_state)
+        _worker.clear()  # and its environment
     else:
         # 'spawn': MuJoCo and torch must not be inherited through fork.
         with multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, init_args) as pool:
@@ -248,8 +254,11 @@ def generate_dataset(env_name: str, episodes: int, out: str | Path, num_workers:
                 results.append(episode)
                 bar.update(len(episode["actions"]))
     bar.close()
+    settings = json.dumps({"env_name": gym_id, "dataset_type": dataset_type, "episodes": episodes,
+                           "episode_length": episode_length, "seed": seed})  # OGBench's loader reads only its keys
     for path, part in ((out, results[:episodes]), (val_out, results[episodes:])):
-        save_npz_atomic(path, {k: np.concatenate([ep[k] for ep in part]) for k in part[0]})
+        save_npz_atomic(path, {**{k: np.concatenate([ep[k] for ep in part]) for k in part[0]},
+                               "generation": np.array(settings)})
     return out, val_out
 
 
@@ -269,7 +278,7 @@ class GenerateArgs:
     episode_length: int = 1001
     """environment steps per episode (1001 in every official dataset)"""
     seed: int = 0
-    """base seed; episode i is seeded from (seed, i)"""
+    """data seed; episode i is seeded from (seed, i). The training scripts' --generate-episodes always use 0"""
 
 
 def main() -> None:

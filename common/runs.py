@@ -63,12 +63,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def rng_state(device: torch.device, log_rng: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "log": log_rng.get_state()}
 
 
-def restore(checkpoint: dict, path: str, agent: torch.nn.Module, optimizer, device: torch.device) -> int:
-    """Load a checkpoint's agent, optimizer and random state; return the step to continue from."""
+def restore(checkpoint: dict, path: str, agent: torch.nn.Module, optimizer, device: torch.device,
+            log_rng: torch.Generator) -> int:
+    """Load a checkpoint's agent, optimizer and random streams (training and logging); return the step to continue
+    from."""
     try:
         agent.load_state_dict(checkpoint["agent"])
     except RuntimeError as e:
@@ -77,6 +80,8 @@ def restore(checkpoint: dict, path: str, agent: torch.nn.Module, optimizer, devi
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    if checkpoint["rng"].get("log") is not None:  # (checkpoints of older versions have none)
+        log_rng.set_state(checkpoint["rng"]["log"])
     return checkpoint["step"] + 1
 
 

@@ -55,8 +55,9 @@ def draw_batch(script, data: dict, args):
 
 
 def losses_of(agent, batch, args, script=deflow_offline, with_mse=False):
-    """script.deflow_losses on `batch` with fresh draws from the global torch stream."""
-    noise = script.update_noise(*batch["actions"].shape, batch["actions"].device, with_mse)
+    """script.deflow_losses on `batch` with fresh draws from the global torch stream (the mse's too)."""
+    noise = script.update_noise(*batch["actions"].shape, batch["actions"].device,
+                                mse_rng=torch.default_generator if with_mse else None)
     return script.deflow_losses(agent, batch, noise, args)
 
 
@@ -72,8 +73,9 @@ def assert_compiled_update_equals_eager(script, make_agent, data: dict, toleranc
         agent, args = make_agent()
         optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, fused=True)
         torch.manual_seed(7)
-        metrics = [script.update(agent, optimizer, draw_batch(script, data, args), args, with_mse=step in mse_steps,
-                                 losses=losses) for step in range(3)]
+        log_rng = torch.Generator().manual_seed(8)
+        metrics = [script.update(agent, optimizer, draw_batch(script, data, args), args,
+                                 log_rng=log_rng if step in mse_steps else None, losses=losses) for step in range(3)]
         results.append((metrics, agent.state_dict()))
     (eager_metrics, eager_state), (compiled_metrics, compiled_state) = results
     for eager, compiled in zip(eager_metrics, compiled_metrics):

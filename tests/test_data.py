@@ -12,7 +12,7 @@ from common.generate import generate_dataset, generation_target
 
 def test_generated_file_has_the_official_format(cube_dataset):
     with np.load(cube_dataset) as f:
-        assert sorted(f.keys()) == ["actions", "observations", "qpos", "qvel", "terminals"]
+        assert sorted(f.keys()) == ["actions", "generation", "observations", "qpos", "qvel", "terminals"]
         assert f["observations"].shape == (120, 28) and f["actions"].shape == (120, 5)
         assert f["terminals"].dtype == bool and f["observations"].dtype == np.float32
         assert f["terminals"].nonzero()[0].tolist() == [59, 119]  # each episode ends with terminal = 1

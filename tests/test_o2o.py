@@ -112,14 +112,19 @@ class CountingEnv:
 
 
 def test_resume_episode_replays_the_interrupted_episode_or_starts_a_new_one(capsys):
+    noise = torch.Generator().manual_seed(5)
+    torch.randn(3, generator=noise)  # the episode's noise stream, part-way through
     saved = {"done": False, "obs": torch.tensor([12.0]), "seed": 3, "ret": 1.5, "started": 4, "exploration": {},
-             "actions": torch.tensor([[4.0], [5.0]])}
-    episode = resume_episode(CountingEnv(), saved)
+             "actions": torch.tensor([[4.0], [5.0]]), "noise": noise.get_state()}
+    cpu = torch.device("cpu")
+    episode = resume_episode(CountingEnv(), saved, cpu)
     assert not episode.done and episode.obs.tolist() == [12.0] and (episode.ret, episode.started) == (1.5, 4)
     assert [a.tolist() for a in episode.actions] == [[4.0], [5.0]] and "warning" not in capsys.readouterr().out
-    assert resume_episode(CountingEnv(drift=1.0), saved).done  # not reproduced: a new episode, with a warning
+    assert torch.equal(torch.randn(2, generator=episode.noise), torch.randn(2, generator=noise))  # where it was
+    assert resume_episode(CountingEnv(drift=1.0), saved, cpu).done  # not reproduced: a new episode, with a warning
     assert "warning: replaying the interrupted training episode" in capsys.readouterr().out
-    assert resume_episode(CountingEnv(), {**saved, "done": True, "obs": None}).done  # between episodes: nothing to do
+    between = {**saved, "done": True, "obs": None, "noise": None}
+    assert resume_episode(CountingEnv(), between, cpu).done  # between episodes: nothing to do
 
 
 def flow_state(agent):

@@ -75,7 +75,7 @@ def test_compiled_training_draws_fresh_independent_noise(compiled_losses, monkey
 
 
 def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
-    """Episode j gets reset seed + j and its own noise stream wherever it runs. With the noise as the action (a
+    """Episode j gets its own reset seed and noise stream wherever it runs. With the noise as the action (a
     batch-independent policy), every (noise, observation) pair must be the same with 1 environment, with 3, and with
     3 stepped in 2 worker processes."""
     agent, args = tiny_agent(obs_dim=28, action_dim=5, script=deflow_offline)
@@ -87,16 +87,16 @@ def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
             return noise.clamp(-1, 1)
         return policy
 
-    alone = evaluate(agent, EnvPool(ENV, 1), 4, args, seed=3, policy=noise_as_action("alone"))
-    side_by_side = evaluate(agent, EnvPool(ENV, 3), 4, args, seed=3, policy=noise_as_action("side by side"))
+    alone = evaluate(agent, EnvPool(ENV, 1), 4, args, seed=3, step=1, policy=noise_as_action("alone"))
+    side_by_side = evaluate(agent, EnvPool(ENV, 3), 4, args, seed=3, step=1, policy=noise_as_action("side by side"))
     workers = EnvPool(ENV, 3, workers=2)
-    in_workers = evaluate(agent, workers, 4, args, seed=3, policy=noise_as_action("workers"))
+    in_workers = evaluate(agent, workers, 4, args, seed=3, step=1, policy=noise_as_action("workers"))
     workers.close()
     assert workers.memory_gb > 0.3  # two worker processes with their imports and environments
     assert workers.describe().startswith("3 evaluation environments side by side in 2 worker processes (")
     assert alone == side_by_side == in_workers
     assert len(seen["alone"]) == 4 * 200 and set(seen["alone"]) == set(seen["side by side"]) == set(seen["workers"])
-    other_seed = evaluate(agent, EnvPool(ENV, 1), 1, args, seed=100, policy=noise_as_action("other"))[0]
+    other_seed = evaluate(agent, EnvPool(ENV, 1), 1, args, seed=100, step=1, policy=noise_as_action("other"))[0]
     assert other_seed["episode.length"] == 200 and not set(seen["other"]) & set(seen["alone"])
 
 
@@ -132,7 +132,7 @@ def test_videos_record_the_first_episodes_in_this_process_and_in_workers(tmp_pat
     results = []
     for workers in (0, 1):
         pool = EnvPool(ENV, 2, workers=workers, max_episode_steps=3)
-        results.append(evaluate(agent, pool, 3, args, seed=0, video_episodes=2))
+        results.append(evaluate(agent, pool, 3, args, seed=0, step=1, video_episodes=2))
         pool.close()
     (metrics, videos), (metrics_workers, videos_workers) = results
     assert metrics == metrics_workers and metrics["episode.length"] == 3

@@ -45,7 +45,8 @@ class Args:
     envs: int = 8
     """environments run side by side"""
     seed: Optional[int] = None
-    """seed of the episodes (episode j: reset seed + j, noise seed + j); None: the run's --seed"""
+    """episode j resets and draws noise from SeedSequence([seed, checkpoint's update, j]); None: the run's --seed
+    (its own evaluation at that update), another seed: a set of episodes independent of it"""
     device: str = "cpu"
     """'cpu', 'cuda' or 'cuda:N'"""
     out: Optional[str] = None
@@ -115,7 +116,8 @@ def main(args: Args) -> dict:
     elif args.sampler == "iterative":
         policy = partial(sample_iterative, script, refine_steps=args.refine_steps)
     seed = run_args.seed if args.seed is None else args.seed
-    metrics, _ = script.evaluate(agent, envs, args.episodes, run_args, seed, policy=policy, noise_shape=noise_shape)
+    metrics, _ = script.evaluate(agent, envs, args.episodes, run_args, seed, checkpoint["step"], policy=policy,
+                                 noise_shape=noise_shape)
     envs.close()
     result = {"checkpoint": args.checkpoint, "step": checkpoint["step"], "sampler": args.sampler,
               "episodes": args.episodes, "seed": seed, **{f"evaluation/{k}": v for k, v in metrics.items()}}
