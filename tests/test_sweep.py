@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from tools import plot, recipes, sweep
 from tests.conftest import ROOT, TINY_FLAGS
@@ -190,6 +191,23 @@ def test_official_runs_plot_beside_this_codes(small_sweep, tmp_path):
         assert float(row["mean"]) == pytest.approx(np.mean(values)) and int(row["final_step"]) == 6
         assert ("deflow_offline", "task", task) in rows
     assert float(rows[("official", "environment", "cube-single-play")]["mean"]) == pytest.approx(37.5)
+    (difference,) = plot.differences(plot.environment_curves(plot.groups(runs)))  # Welch's interval, by hand:
+    ours = plot.environment_curves(plot.groups(runs))["cube-single-play"]["deflow_offline"][1][:, -1]
+    theirs = np.array([np.mean([finals[t][i] for t in TASKS]) for i in (0, 1)])
+    se2 = ours.var(ddof=1) / 2 + theirs.var(ddof=1) / 2
+    dof = se2 ** 2 / ((ours.var(ddof=1) / 2) ** 2 + (theirs.var(ddof=1) / 2) ** 2)
+    half = stats.t.ppf(0.975, dof) * np.sqrt(se2)
+    assert (difference["first"], difference["second"]) == ("deflow_offline", "official")
+    assert difference["difference"] == pytest.approx(ours.mean() - theirs.mean())
+    assert (difference["low"], difference["high"]) == pytest.approx((ours.mean() - theirs.mean() - half,
+                                                                     ours.mean() - theirs.mean() + half))
+    assert "Differences between groups" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_one_seed_has_no_spread():
+    row = plot.over_seeds(np.array([40.0]))
+    assert np.isnan(row["std"]) and plot.spread(row) == "40.0 +- n/a"
+    assert all(np.isnan(x) for x in plot.paired_interval(np.array([3.0])))
 
 
 def test_o2o_and_an_offline_control_start_from_another_sweeps_checkpoints(small_sweep, tmp_path, cube_dataset):
@@ -230,5 +248,7 @@ def test_o2o_and_an_offline_control_start_from_another_sweeps_checkpoints(small_
     finals = {group: {r.args["seed"]: r.scores[-1] for r in runs} for (group, _), runs in by_group.items()}
     expected = [finals[gain["o2o"]][s] - finals[gain["control"]][s] for s in (0, 1)]
     assert gain["seeds"] == 2 and gain["at_update"] == 12 and gain["mean"] == pytest.approx(np.mean(expected))
+    half = stats.t.ppf(0.975, 1) * np.std(expected, ddof=1) / np.sqrt(2)  # the paired t interval
+    assert (gain["low"], gain["high"]) == pytest.approx((np.mean(expected) - half, np.mean(expected) + half))
     plot.main(plot.Args(folders=(str(tmp_path),), out=str(tmp_path / "out")))
     assert "Online gain" in (tmp_path / "out" / "results.md").read_text()

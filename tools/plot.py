@@ -11,8 +11,10 @@ The score is evaluation/episode.normalized_return (D4RL) or evaluation/success x
 over seeds with a 95% confidence band (Student t over seeds, cut at the scores' range) and each seed faintly, one
 panel per environment (the 5 tasks of an OGBench
 dataset averaged, as the paper does). Table: the final evaluation of each run; per task and per environment the
-mean +- standard deviation over seeds (an environment's score per seed is the mean over its tasks) and the seed
-count. --iqm adds the interquartile mean over all runs of an environment with a 95% bootstrap interval (Agarwal et
+mean +- standard deviation over seeds (an environment's score per seed is the mean over its tasks; one seed has no
+spread: n/a) and the seed count; per environment, each pair of groups' difference of means with a 95% Welch interval
+(scipy.stats.ttest_ind); the online gain (o2o against an offline control from the same checkpoints) with a 95% paired
+t interval over seeds. --iqm adds the interquartile mean over all runs of an environment with a 95% bootstrap interval (Agarwal et
 al. 2021), computed with scipy.stats (trim_mean, bootstrap). Written by hand: only the grouping and the averaging.
 """
 
@@ -179,8 +181,44 @@ def plot_curves(curves: dict, path: Path):
 
 
 def over_seeds(finals: np.ndarray) -> dict:
-    """Mean +- standard deviation over seeds (0 for one seed) and the seed count, as the paper reports them."""
-    return {"mean": finals.mean(), "std": finals.std(ddof=1) if len(finals) > 1 else 0.0, "seeds": len(finals)}
+    """Mean +- standard deviation over seeds (NaN, undefined, for one seed) and the seed count, as the paper reports
+    them."""
+    std = finals.std(ddof=1) if len(finals) > 1 else float("nan")
+    return {"mean": finals.mean(), "std": std, "seeds": len(finals)}
+
+
+def spread(row: dict) -> str:
+    return f"{row['mean']:.1f} +- " + ("n/a" if np.isnan(row["std"]) else f"{row['std']:.1f}")
+
+
+def differences(curves: dict) -> list[dict]:
+    """Per environment and pair of groups: the difference of the mean final scores (first - second) with a 95% Welch
+    interval over seeds (unequal variances; NaN where a group has fewer than 2 seeds)."""
+    from scipy import stats
+
+    rows = []
+    for env, by_label in sorted(curves.items()):
+        labels = sorted(by_label)
+        for i, first in enumerate(labels):
+            for second in labels[i + 1:]:
+                a, b = by_label[first][1][:, -1], by_label[second][1][:, -1]
+                low = high = float("nan")
+                if min(len(a), len(b)) > 1 and max(a.var(), b.var()) > 0:
+                    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+                    low, high = float(ci.low), float(ci.high)
+                rows.append({"name": env, "first": first, "second": second, "difference": a.mean() - b.mean(),
+                             "low": low, "high": high, "seeds": f"{len(a)} / {len(b)}"})
+    return rows
+
+
+def paired_interval(gains: np.ndarray) -> tuple[float, float]:
+    """95% Student t interval of the mean of paired differences (NaN for fewer than 2)."""
+    from scipy import stats
+
+    if len(gains) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(gains) - 1) * gains.std(ddof=1) / np.sqrt(len(gains))
+    return gains.mean() - half, gains.mean() + half
 
 
 def final_table(by_group: dict, curves: dict, iqm: bool) -> list[dict]:
@@ -232,12 +270,18 @@ def online_gain(by_group: dict) -> list[dict]:
             if not pairs:
                 continue
             gains = np.array([a - b for _, a, b in pairs])
+            low, high = paired_interval(gains)
             rows.append({"o2o": label, "control": control_label, "name": env_name, "at_update": int(o2o[0].steps[-1]),
-                         **over_seeds(gains), "every_seed": " / ".join(f"{s}: {a:.0f} - {b:.0f}" for s, a, b in pairs)})
+                         **over_seeds(gains), "low": low, "high": high,
+                         "every_seed": " / ".join(f"{s}: {a:.0f} - {b:.0f}" for s, a, b in pairs)})
     return rows
 
 
-def write_table(rows: list[dict], out: Path, gains: list[dict] = ()) -> None:
+def interval(row: dict) -> str:
+    return "n/a" if np.isnan(row["low"]) else f"[{row['low'] + 0.0:+.1f}, {row['high'] + 0.0:+.1f}]"
+
+
+def write_table(rows: list[dict], out: Path, gains: list[dict] = (), diffs: list[dict] = ()) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -248,18 +292,24 @@ def write_table(rows: list[dict], out: Path, gains: list[dict] = ()) -> None:
              + ("---|" if "iqm" in columns else "")]
     for row in rows:
         name = row["name"] if row["level"] == "task" else f"**{row['name']}** (mean of its tasks)"
-        line = (f"| {row['group']} | {name} | {row['mean']:.1f} +- {row['std']:.1f} | {row['seeds']} | "
-                f"{row['final_step']} | {row.get('every_seed', '')} |")
+        line = f"| {row['group']} | {name} | {spread(row)} | {row['seeds']} | {row['final_step']} | " \
+               f"{row.get('every_seed', '')} |"
         if "iqm" in columns:
             line += f" {row['iqm']:.1f} [{row['iqm_low']:.1f}, {row['iqm_high']:.1f}] |" if "iqm" in row else " |"
         lines.append(line)
+    if diffs:
+        lines += ["", "Differences between groups: the first's mean final score minus the second's, per environment, "
+                  "with a 95% Welch interval over seeds.", "",
+                  "| environment | first | second | difference | 95% interval | seeds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d['name']} | {d['first']} | {d['second']} | {round(d['difference'], 1) + 0.0:+.1f} | "
+                  f"{interval(d)} | {d['seeds']} |" for d in diffs]
     if gains:
-        lines += ["", "Online gain: the o2o run's final score minus the control's, per seed.", "",
-                  "| o2o | control | task | at update | gain (mean +- std over seeds) | seeds | seed: o2o - control |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Online gain: the o2o run's final score minus the control's, per seed (95% paired t interval).",
+                  "", "| o2o | control | task | at update | gain (mean +- std over seeds) | 95% interval | seeds | "
+                  "seed: o2o - control |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {g['o2o']} | {g['control']} | {g['name']} | {g['at_update']} | "
-                  f"{round(g['mean'], 1) + 0.0:+.1f} +- {g['std']:.1f} | {g['seeds']} | {g['every_seed']} |"
-                  for g in gains]  # + 0.0: no "-0.0"
+                  f"{round(g['mean'], 1) + 0.0:+.1f} +- " + ("n/a" if np.isnan(g["std"]) else f"{g['std']:.1f}")
+                  + f" | {interval(g)} | {g['seeds']} | {g['every_seed']} |" for g in gains]  # + 0.0: no "-0.0"
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -272,7 +322,7 @@ def main(args: Args) -> None:
     by_group = groups(runs)
     curves = environment_curves(by_group)
     plot_curves(curves, out / "curves.png")
-    write_table(final_table(by_group, curves, args.iqm), out, online_gain(by_group))
+    write_table(final_table(by_group, curves, args.iqm), out, online_gain(by_group), differences(curves))
     print(f"{len(runs)} runs in {len(by_group)} groups of (flags, task): wrote {out / 'curves.png'}, "
           f"{out / 'results.md'}, {out / 'results.csv'}")
     print((out / "results.md").read_text())
