@@ -1,17 +1,17 @@
 """DeFlow, offline-to-online, on state-based OGBench and D4RL: the whole method in one file.
 
-Paper: "Decoupling Manifold Modeling and Value Maximization for Offline Policy Extraction" (arXiv 2601.10471).
-Official code (JAX): github.com/muzhancun/DeFlow (agents/deflow.py, main.py), built on github.com/seohongpark/fql.
-  1. A flow-matching policy v(s, x, t) models the behavior data: plain BC, 10 Euler steps from noise give a_base.
+Paper: "Decoupling Manifold Modeling and Value Maximization for Offline Policy Extraction"
+(arXiv 2601.10471). Official code (JAX): github.com/muzhancun/DeFlow, on github.com/seohongpark/fql.
+  1. A flow-matching policy v(s, x, t) models the behavior data: 10 Euler steps from noise, a_base.
   2. A refinement network f(s, a_base) adds a residual: a = clip(a_base + f(s, a_base), -1, 1).
-  3. f climbs Q(s, a) while a Lagrange multiplier alpha keeps mean(f^2) near a target divergence delta.
+  3. f climbs Q(s, a) while a Lagrange multiplier alpha keeps mean(f^2) near a target divergence.
   4. Two critics learn Q by TD, bootstrapping with the same flow + refinement policy.
-Online: --online-steps times one environment step of pi into a replay buffer (the dataset first), one update each.
+  5. Online: one environment step of pi into the replay buffer (the dataset first), one update.
 Run:
   python deflow_o2o.py --env-name cube-single-play-singletask-task1-v0 \\
-      --dataset-path data/cube-single-100ep.npz --generate-episodes 100  # no internet: generate it locally
-  python deflow_o2o.py --resume runs/<run>/checkpoint.pt  # continue a run exactly; a deflow_offline.py run: go online
-Recipes per task: README.md. Deviations from the official code: docs/deviations.md. Speed: docs/speed.md.
+      --dataset-path data/cube-single-100ep.npz --generate-episodes 100  # no internet: generate it
+  python deflow_o2o.py --resume runs/<run>/checkpoint.pt  # exactly; deflow_offline.py's: go online
+Recipes: README.md. Deviations from the official code: docs/deviations.md. Speed: docs/speed.md.
 """
 
 import dataclasses
@@ -28,11 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.d4rl import normalized_return, reward_offset, run_name_of
 from common.datasets import DatasetError, load_env_and_datasets
-from common.envs import EnvPool
-from common.iav import auto_target_divergence
-from common.runs import NonFiniteWatch, RunLog, check_compiler, parse_args, restore, rng_state, save_checkpoint
+from common.envs import make_eval_envs
+from common.online import buffer_state, episode_state, load_buffer_state, resume_episode
+from common.runs import NonFiniteWatch, RunLog, check_compiler, parse_args, restore, rng_state
+from common.runs import save_checkpoint
 
 
 @dataclasses.dataclass
@@ -42,13 +42,14 @@ class Args:
     seed: int = 0
     """seed of python, numpy, torch and evaluation episodes (never of generated data)"""
     env_name: str = "cube-double-play-singletask-v0"
-    """OGBench <dataset>-singletask[-taskN]-v0, or a Minari id (D4RL/antmaze/large-play-v1)"""
+    """OGBench <dataset>-singletask[-taskN]-v0, or a D4RL (Minari) id: D4RL/antmaze/large-play-v1"""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"""
     run_dir: str = "runs"
     """folder of the run folders (args.json, train.csv, eval.csv, checkpoint.pt)"""
     resume: Optional[str] = None
-    """checkpoint.pt of a run: continue it exactly (flags here override its settings); deflow_offline.py's: go online"""
+    """checkpoint.pt of a run: continue it exactly (flags here override its settings); of a
+    deflow_offline.py run: go online from it"""
     track: bool = False
     """also log to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "deflow"
@@ -68,9 +69,9 @@ class Args:
     online_steps: int = 1_000_000
     """then this many iterations of one environment step + one gradient update"""
     buffer_size: int = 2_000_000
-    """replay buffer capacity: the dataset + online transitions (at least the dataset + 1), FIFO-circular"""
+    """replay buffer capacity: the dataset + online transitions (at least the dataset + 1), FIFO"""
     balanced_sampling: bool = False
-    """online, draw half of each batch from the dataset and half from a separate online buffer of --buffer-size"""
+    """online, half of each batch from the dataset, half from an online buffer of --buffer-size"""
     log_interval: int = 5000
     """log training and validation losses every this many updates (0: at the end only)"""
     eval_interval: int = 100_000
@@ -79,8 +80,8 @@ class Args:
     """episodes per evaluation"""
     eval_envs: int = 8
     """environments run side by side in evaluation (about 0.2 GB each)"""
-    eval_workers: int = 0
-    """processes that step the evaluation environments (0: this one)"""
+    eval_workers: bool = False
+    """step the evaluation environments in processes of their own (gymnasium's AsyncVectorEnv)"""
     capture_video: bool = False
     """write the first --video-episodes episodes of each evaluation to <run>/videos/"""
     video_episodes: int = 1
@@ -122,17 +123,17 @@ class Args:
     normalize_q_loss: bool = True
     """divide the Q loss by mean|Q| (every official recipe sets it)"""
     fix_bc_flow_online: bool = False
-    """freeze the BC flow online (no loss, so no gradient and no Adam step); the rest keeps learning"""
+    """freeze the BC flow online (no loss, no gradient, no Adam step); the rest keeps learning"""
     compile: bool = True
     """torch.compile the losses (CUDA graphs on CUDA); --no-compile: the eager reference code"""
     precision: Literal["float32", "bf16-rollouts", "bf16"] = "float32"
     """bfloat16 matmuls in the no-gradient rollouts or everywhere (pays where bfloat16 is native)"""
 
 
-# Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer, Xavier-uniform weights,
-# zero biases, a plain Linear output.
+# Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer,
+# Xavier-uniform weights, zero biases, a plain Linear output.
 class GELU(nn.Module):
-    """Flax's tanh-GELU; compiled, as x * sigmoid(2u): the same function, and faster on a CPU (docs/speed.md)."""
+    """Flax's tanh-GELU; compiled, as x * sigmoid(2u): the same function, faster on a CPU."""
 
     def forward(self, x):
         if torch.compiler.is_compiling():
@@ -156,7 +157,7 @@ def mlp(in_dim, hidden_dims, out_dim, layer_norm):
 
 
 class VectorField(nn.Module):
-    """v(s, x, t) -> R^A with use_time (the BC flow); f(s, a) -> R^A, unbounded, without (the refinement)."""
+    """v(s, x, t) -> R^A with use_time (the BC flow); f(s, a) -> R^A, unbounded, without it."""
 
     def __init__(self, obs_dim, action_dim, hidden_dims, layer_norm, use_time):
         super().__init__()
@@ -164,16 +165,16 @@ class VectorField(nn.Module):
         self.net = mlp(obs_dim + action_dim + int(use_time), hidden_dims, action_dim, layer_norm)
 
     def forward(self, obs, actions, t=None):
-        inputs = [obs, actions] if t is None else [obs, actions, t]  # t: the raw scalar in [0, 1), no embedding
+        inputs = [obs, actions] if t is None else [obs, actions, t]  # t: a raw scalar, no embedding
         return self.net(torch.cat(inputs, dim=-1))
 
 
 class EnsembleLinear(nn.Module):
-    """`members` Linear layers as one batched matmul: (members, B, in) -> (members, B, out); Xavier-uniform each."""
+    """`members` Linear layers as one batched matmul: (members, B, in) -> (members, B, out)."""
 
     def __init__(self, members, in_dim, out_dim):
         super().__init__()
-        bound = (6 / (in_dim + out_dim)) ** 0.5
+        bound = (6 / (in_dim + out_dim)) ** 0.5  # Xavier-uniform, each member
         self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
 
@@ -216,23 +217,26 @@ class DeFlowAgent(nn.Module):
 
     def __init__(self, obs_dim, action_dim, args):
         super().__init__()
-        self.flow = VectorField(obs_dim, action_dim, args.actor_hidden_dims, args.actor_layer_norm, use_time=True)
-        self.refine = VectorField(obs_dim, action_dim, args.refine_hidden_dims, args.actor_layer_norm, use_time=False)
+        self.flow = VectorField(obs_dim, action_dim, args.actor_hidden_dims, args.actor_layer_norm,
+                                use_time=True)
+        self.refine = VectorField(obs_dim, action_dim, args.refine_hidden_dims,
+                                  args.actor_layer_norm, use_time=False)
         self.critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
         self.target_critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
         self.target_critic.load_state_dict(self.critic.state_dict())
-        self.target_critic.requires_grad_(False)  # moved by the EMA only (officially in Adam too, no gradient)
+        self.target_critic.requires_grad_(False)  # the EMA moves it (officially in Adam, no grad)
         self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e
 
 
-# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream, evaluation per episode.
+# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream,
+# evaluation from each episode's own.
 def flow_actions(flow, obs, noise, flow_steps):
-    """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K (clipped only at the end)."""
+    """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K."""
     x = noise
     for i in range(flow_steps):
         t = torch.full((*x.shape[:-1], 1), i / flow_steps, device=x.device)
         x = x + flow(obs, x, t) / flow_steps
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1)  # clipped only at the end
 
 
 def refine_actions(agent, obs, base_actions):
@@ -245,7 +249,7 @@ def sample_actions(agent, obs, noise, flow_steps):
 
 
 def flow_matching_loss(flow, obs, actions, x_0, t):
-    """Rectified path from noise x_0 to the action: x_t = (1 - t) x_0 + t a, target velocity a - x_0."""
+    """Rectified path from noise x_0 to the action: x_t = (1 - t) x_0 + t a, velocity a - x_0."""
     x_t = (1 - t) * x_0 + t * actions
     return (flow(obs, x_t, t) - (actions - x_0)).square().mean()
 
@@ -256,33 +260,34 @@ def autocast(args, device, rollout):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def update_noise(batch_size, action_dim, device, generator=None, mse_rng=None):
-    """The update's draws from `generator` (None: torch's global stream), made outside the losses: eager and compiled
-    code see the same numbers. With mse_rng, also the noise of the logged mse's rollout, drawn from that stream."""
-    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)  # official: a key per use
-    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2],
-             "t": torch.rand((batch_size, 1), device=device, generator=generator)}
+def update_draws(batch_size, action_dim, device, generator=None, mse_rng=None):
+    """The update's random numbers, drawn outside the losses (eager and compiled code see the same)
+    from `generator` (None: torch's global stream); with mse_rng, the logged mse's noise too."""
+    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)
+    draws = {"next_base_noise": noise[0], "x_0": noise[1], "base_noise": noise[2],  # officially a
+             "t": torch.rand((batch_size, 1), device=device, generator=generator)}  # key per use
     if mse_rng is not None:
-        draws["mse"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
+        draws["mse_noise"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
     return draws
 
 
 # The update. Who learns from what (one backward of the sum, one Adam step):
-#   critic    <- critic_loss                       (TD to r + gamma * mask * Q_target(s', pi(s')))
-#   flow      <- bc_flow_loss                      (flow matching on the dataset's actions)
-#   refine    <- sg(alpha) * distill + q_loss      (stay near a_base, climb Q through the action only)
-#   log_alpha <- alpha_loss                        (alpha rises while distill > delta, falls while below)
+#   critic    <- critic_loss                   (TD to r + gamma * mask * Q_target(s', pi(s')))
+#   flow      <- bc_flow_loss                  (flow matching on the dataset's actions)
+#   refine    <- sg(alpha) * distill + q_loss  (stay near a_base, climb Q through the action only)
+#   log_alpha <- alpha_loss                    (alpha rises while distill > delta, else falls)
 #   target    <- nothing; the EMA of the critic's pre-step weights
-# Online the same. --fix-bc-flow-online: no flow loss, so no gradient and Adam skips it (officially momentum moves it).
-def deflow_losses(agent, batch, noise, args, train_flow=True):
-    """(total loss, metrics under the official names) of a batch and its draws; what --compile compiles."""
+# Online the same. --fix-bc-flow-online: no flow loss, so no gradient and Adam skips it (officially
+# only the loss is zeroed, and Adam's momentum still moves the flow).
+def deflow_losses(agent, batch, draws, args, train_flow=True):
+    """(total loss, metrics under the official names) of a batch and its draws: --compile's part."""
     obs, next_obs, actions = batch["observations"], batch["next_observations"], batch["actions"]
 
-    # The two no-gradient flow rollouts, a_base(s') for the TD target and a_base(s), as one rollout over 2B rows.
+    # The no-gradient flow rollouts a_base(s') for the TD target and a_base(s), as one of 2B rows.
     with torch.no_grad(), autocast(args, obs.device, rollout=True):
+        noise = torch.cat([draws["next_base_noise"], draws["base_noise"]])
         next_base_actions, base_actions = flow_actions(
-            agent.flow, torch.cat([next_obs, obs]), torch.cat([noise["next_actions"], noise["base_actions"]]),
-            args.flow_steps).chunk(2)
+            agent.flow, torch.cat([next_obs, obs]), noise, args.flow_steps).chunk(2)
 
     with torch.no_grad():
         next_qs = agent.target_critic(next_obs, refine_actions(agent, next_obs, next_base_actions))
@@ -291,11 +296,11 @@ def deflow_losses(agent, batch, noise, args, train_flow=True):
     qs = agent.critic(obs, actions)
     critic_loss = (qs - target_q).square().mean()
 
-    bc_flow_loss = torch.zeros((), device=obs.device)  # frozen flow: no loss, logged as 0 (as officially)
+    bc_flow_loss = torch.zeros((), device=obs.device)  # a frozen flow: no loss, logged as 0
     if train_flow:
-        bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, noise["x_0"], noise["t"])
+        bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, draws["x_0"], draws["t"])
 
-    refinement = agent.refine(obs, base_actions)  # a_base has no gradient: none reaches the flow through it
+    refinement = agent.refine(obs, base_actions)  # a_base has no gradient: none reaches the flow
     distill_loss = refinement.square().mean()  # mean over batch and action dimensions
     if args.use_lagrange:
         alpha = agent.log_alpha.exp()
@@ -316,241 +321,217 @@ def deflow_losses(agent, batch, noise, args, train_flow=True):
     actor_loss = bc_flow_loss + penalty + q_loss + alpha_loss
     metrics = {
         "critic/critic_loss": critic_loss, "critic/q_mean": qs.mean(), "critic/q_max": qs.max(),
-        "critic/q_min": qs.min(), "actor/actor_loss": actor_loss, "actor/bc_flow_loss": bc_flow_loss,
-        "actor/distill_loss": distill_loss, "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
+        "critic/q_min": qs.min(), "actor/actor_loss": actor_loss,
+        "actor/bc_flow_loss": bc_flow_loss, "actor/distill_loss": distill_loss,
+        "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
         "actor/alpha_value": alpha.detach().squeeze(),
     }
-    if "mse" in noise:  # a third rollout, on logging steps only (officially every update)
+    if "mse_noise" in draws:  # a third rollout, on logging steps only (officially every update)
         with torch.no_grad(), autocast(args, obs.device, rollout=True):
-            metrics["actor/mse"] = (sample_actions(agent, obs, noise["mse"], args.flow_steps) - actions).square().mean()
+            mse_actions = sample_actions(agent, obs, draws["mse_noise"], args.flow_steps)
+            metrics["actor/mse"] = (mse_actions - actions).square().mean()
     return critic_loss + actor_loss, metrics
 
 
 def update(agent, optimizer, batch, args, log_rng=None, train_flow=True, losses=deflow_losses):
-    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step; with log_rng
-    (logging steps), also the logged mse, its noise from log_rng."""
-    noise = update_noise(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
+    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam
+    step; with log_rng (a logging step), also the logged mse, its noise drawn from log_rng."""
+    draws = update_draws(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
     with autocast(args, batch["actions"].device, rollout=False):
-        loss, metrics = losses(agent, batch, noise, args, train_flow)
+        loss, metrics = losses(agent, batch, draws, args, train_flow)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, theta before this step
-        torch._foreach_lerp_(list(agent.target_critic.parameters()), list(agent.critic.parameters()), args.tau)
+    with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, theta pre-step
+        target, online = agent.target_critic.parameters(), agent.critic.parameters()
+        torch._foreach_lerp_(list(target), list(online), args.tau)
     optimizer.step()
     return {k: v.detach() for k, v in metrics.items()}
 
 
 def sample_batch(data, batch_size, generator=None):
-    idx = torch.randint(len(data["actions"]), (batch_size,), device=data["actions"].device, generator=generator)
+    idx = torch.randint(len(data["actions"]), (batch_size,), generator=generator,
+                        device=data["actions"].device)
     return {k: v[idx] for k, v in data.items()}
 
 
-# Online data, with FQL's replay buffer semantics: preallocated on the training device, the initial data first, then
-# written FIFO-circular (after the last row comes row 0 again), sampled uniformly from the rows stored.
+# Online data, in FQL's replay buffer: preallocated on the training device, the initial data first,
+# then written FIFO-circular (after the last row, row 0), sampled uniformly from the rows stored.
 class ReplayBuffer:
     def __init__(self, initial, capacity):
-        self.initial_size, self.num_added = len(initial["actions"]), 0  # num_added: online transitions, ever
-        self.capacity = max(capacity, self.initial_size + 1)  # room for one online transition at least
+        self.initial_size, self.num_added = len(initial["actions"]), 0  # online transitions, ever
+        self.capacity = max(capacity, self.initial_size + 1)  # room for one online transition
         self.data = {k: v.new_zeros((self.capacity, *v.shape[1:])) for k, v in initial.items()}
         for k, v in initial.items():
             self.data[k][:self.initial_size] = v
 
-    @property
-    def size(self):
-        return min(self.initial_size + self.num_added, self.capacity)
-
-    @property
-    def pointer(self):  # the row the next transition goes to
-        return (self.initial_size + self.num_added) % self.capacity
-
     def add(self, transition):
+        row = (self.initial_size + self.num_added) % self.capacity
         for k, v in transition.items():
-            self.data[k][self.pointer] = torch.as_tensor(v, dtype=self.data[k].dtype)
+            self.data[k][row] = torch.as_tensor(v, dtype=self.data[k].dtype)
         self.num_added += 1
 
-    def sample(self, batch_size):  # every stored row (officially, once full, never the last one: an off-by-one)
-        return sample_batch({k: v[:self.size] for k, v in self.data.items()}, batch_size)
-
-    def online_state(self):
-        """What a checkpoint needs besides the dataset: the rows online transitions were written to, and the count."""
-        rows = (self.initial_size + torch.arange(min(self.num_added, self.capacity))) % self.capacity
-        return {"capacity": self.capacity, "initial_size": self.initial_size, "num_added": self.num_added,
-                "rows": rows, "data": {k: v[rows.to(v.device)].cpu() for k, v in self.data.items()}}
-
-    def load_online_state(self, state):
-        if (state["capacity"], state["initial_size"]) != (self.capacity, self.initial_size):
-            raise ValueError(f"its buffer holds {state['initial_size']} dataset rows in a capacity of "
-                             f"{state['capacity']}, this one {self.initial_size} in {self.capacity}")
-        for k, v in self.data.items():
-            v[state["rows"].to(v.device)] = state["data"][k].to(v.device)
-        self.num_added = state["num_added"]
+    def sample(self, batch_size):  # every row stored (officially, once full, never the last one)
+        size = min(self.initial_size + self.num_added, self.capacity)
+        return sample_batch({k: v[:size] for k, v in self.data.items()}, batch_size)
 
 
 def transition(obs, action, reward, terminated, truncated, next_obs):
-    """terminals = done (an episode boundary), masks = 1 - terminated (a time limit still bootstraps), as the data."""
-    return {"observations": obs, "actions": action, "rewards": reward, "terminals": float(terminated or truncated),
-            "masks": 1.0 - float(terminated), "next_observations": next_obs}
+    """terminals = done (an episode boundary), masks = 1 - terminated (time limits bootstrap)."""
+    return {"observations": obs, "actions": action, "rewards": reward, "masks": 1.0 - terminated,
+            "terminals": float(terminated or truncated), "next_observations": next_obs}
 
 
 def draw_batch(buffer, dataset, batch_size, online):
-    """From the buffer; --balanced-sampling (the dataset apart): offline from the dataset, online half from each."""
-    if dataset is None:
-        return buffer.sample(batch_size)
-    if not online:
-        return sample_batch(dataset, batch_size)
-    first, second = sample_batch(dataset, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
+    """From the buffer; with --balanced-sampling (dataset apart): online, half from each."""
+    if dataset is None or not online:
+        return buffer.sample(batch_size) if dataset is None else sample_batch(dataset, batch_size)
+    half = batch_size // 2
+    first, second = sample_batch(dataset, half), buffer.sample(batch_size - half)
     return {k: torch.cat([first[k], second[k]]) for k in first}
 
 
-def episode_state(episode, action_dim):
-    """The training episode for a checkpoint (tensors, not numpy arrays: checkpoints load with weights_only)."""
-    return {**vars(episode), "obs": None if episode.obs is None else torch.as_tensor(episode.obs),
-            "actions": torch.as_tensor(np.array(episode.actions).reshape(-1, action_dim)),
-            "noise": None if episode.noise is None else episode.noise.get_state()}
-
-
-def resume_episode(env, saved, device):
-    """A checkpoint's training episode, the environment brought back to it by a reset with its seed and its actions
-    repeated (MuJoCo is deterministic); where that does not reproduce its state, a new episode, with a warning."""
-    episode = SimpleNamespace(**{**saved, "obs": None, "actions": list(saved["actions"].numpy()), "noise": None})
-    if saved["noise"] is not None:  # its action noise stream, where it was
-        episode.noise = torch.Generator(device).set_state(saved["noise"])
-    if not episode.done:
-        episode.obs, _ = env.reset(seed=episode.seed)
-        for action in episode.actions:
-            episode.obs, *_ = env.step(action)
-        if not np.array_equal(episode.obs, saved["obs"].numpy()):
-            print("warning: replaying the interrupted training episode did not reproduce its state (another machine "
-                  "or MuJoCo version?); starting a new episode, so the run no longer matches exactly")
-            episode.done = True
-    return episode
-
-
-# Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time, one batched
-# policy call per step. Episode j of the evaluation at update `step` takes its reset seed and its noise stream from
-# SeedSequence([seed, step, j]): no two episodes of any evaluation of any run share a start state or noise
-# (officially every episode resets unseeded).
+# Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time
+# (gymnasium.vector, autoreset off), one batched policy call per step. Episode j of the evaluation
+# at update `step` takes its reset seed and noise stream from SeedSequence([seed, step, j]): no two
+# episodes of any evaluation of any run share a start state or noise (officially: unseeded resets).
 @torch.no_grad()
-def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions, noise_shape=()):
-    """(metrics, {episode: video frames}); policy(agent, obs, noise of shape (B, *noise_shape, A), flow_steps)."""
-    device, episodes = agent.log_alpha.device, iter(range(num_episodes))
-    running, finished, videos = {}, [], {}  # env index -> its episode's state; (success, return, length) of each
+def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions,
+             noise_shape=()):
+    """(metrics, {episode: video frames}); envs: common.envs.make_eval_envs's (its first
+    video_episodes are recorded); policy(agent, obs, noise (B, *noise_shape, A), flow_steps)."""
+    device, n, episodes = agent.log_alpha.device, envs.num_envs, iter(range(num_episodes))
+    running, finished, videos = {}, [], {}  # env -> its episode (in start order); their results
+    free, record = np.ones(n, dtype=bool), np.arange(n) < video_episodes  # free: to reset
     while True:
-        starts = {i: episode for i in range(envs.num_envs) if i not in running
-                  and (episode := next(episodes, None)) is not None}
-        record = [i for i, episode in starts.items() if episode < video_episodes]
-        seeds = {i: np.random.SeedSequence([seed, step, episode]).generate_state(2) for i, episode in starts.items()}
-        for i, obs in envs.reset({i: int(s[0]) for i, s in seeds.items()}, record).items():
-            running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(int(seeds[i][1])), "episode": starts[i],
-                          "return": 0.0, "length": 0}
+        seeds = [None] * n
+        for i in np.flatnonzero(free):
+            if (j := next(episodes, None)) is not None:
+                reset_seed, noise_seed = np.random.SeedSequence([seed, step, j]).generate_state(2)
+                noise = torch.Generator().manual_seed(int(noise_seed))
+                seeds[i] = int(reset_seed)
+                running[i] = {"episode": j, "noise": noise, "return": 0.0, "length": 0}
         if not running:
             break
-        obs = torch.as_tensor(np.stack([e["obs"] for e in running.values()]), dtype=torch.float32, device=device)
-        noise = torch.stack([torch.randn((*noise_shape, agent.flow.action_dim), generator=e["noise"])
-                             for e in running.values()]).to(device)
+        if free.any():  # a new episode on each free environment; where none is left, park it
+            park = free & np.array([s is None for s in seeds])
+            options = {"reset_mask": free, "park": park, "record": record}
+            obs, _ = envs.reset(seed=seeds, options=options)
+            free[:], record[:] = False, False
+        idx = list(running)
+        shape = (*noise_shape, agent.flow.action_dim)
+        noise = torch.stack([torch.randn(shape, generator=running[i]["noise"]) for i in idx])
+        actions = np.zeros(envs.action_space.shape, dtype=np.float32)
         with autocast(args, device, rollout=True):
-            actions = policy(agent, obs, noise, args.flow_steps).float().cpu().numpy()
-        for i, (next_obs, reward, terminated, truncated, success) in envs.step(dict(zip(running, actions))).items():
+            x = torch.as_tensor(obs[idx], dtype=torch.float32, device=device)
+            actions[idx] = policy(agent, x, noise.to(device), args.flow_steps).float().cpu().numpy()
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        for i in idx:
             e = running[i]
-            e["obs"], e["return"], e["length"] = next_obs, e["return"] + reward, e["length"] + 1
-            if terminated or truncated:
+            e["return"], e["length"] = e["return"] + rewards[i], e["length"] + 1
+            if terminated[i] or truncated[i]:
+                success = info["success"][i] if "success" in info else np.nan
                 finished.append((success, e["return"], e["length"]))
-                if (frames := envs.video(i)) is not None:
-                    videos[e["episode"]] = frames
+                if "frames" in info and info["_frames"][i]:
+                    videos[e["episode"]] = np.stack(info["frames"][i])
+                free[i] = True
                 del running[i]
     success, episode_return, length = np.mean(finished, axis=0)
-    metrics = {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}
-    if (score := normalized_return(args.env_name, float(episode_return))) is not None:  # D4RL: 100 x the D4RL score
-        metrics["episode.normalized_return"] = score
+    metrics = {"success": float(success), "episode.return": float(episode_return),
+               "episode.length": float(length)}
+    if "/" in args.env_name:  # D4RL (a Minari id): also 100 x the D4RL score
+        from common.d4rl import normalized_return
+
+        metrics["episode.normalized_return"] = normalized_return(args.env_name, episode_return)
     return metrics, videos
 
 
 if __name__ == "__main__":
-    args, checkpoint = parse_args(Args, "DeFlow, offline-to-online, on state-based OGBench and D4RL.")
-    from_offline = checkpoint is not None and "buffer" not in checkpoint  # a deflow_offline.py run: go online
-    resumed = checkpoint is not None and not from_offline  # a run of this script: continue it in its run folder
-    if from_offline and not any(a.split("=")[0] in ("--exp-name", "--exp_name") for a in sys.argv[1:]):
-        args.exp_name = Args.exp_name  # its new run folder is named after this script
+    args, checkpoint = parse_args(Args, __doc__)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders (videos, pixels) without a display
+    from_offline = checkpoint is not None and "episode" not in checkpoint  # deflow_offline.py's
+    resumed = checkpoint is not None and not from_offline  # this script's: continue in its folder
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if args.env_name.startswith("visual-"):
-        sys.exit(f"error: online fine-tuning from pixels is not supported (nor is it officially); train "
-                 f"{args.env_name} offline with deflow_pixels.py, or use the state-based {args.env_name[7:]}")
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto_device if args.device == "auto" else args.device)
 
     try:
-        env, train_np, val_np = load_env_and_datasets(args.env_name, args.dataset_dir, args.dataset_path,
-                                                      args.generate_episodes, args.num_workers)
+        env, train_np, val_np = load_env_and_datasets(
+            args.env_name, args.dataset_dir, args.dataset_path, args.generate_episodes,
+            args.num_workers)
     except DatasetError as e:
         sys.exit(f"error: {e}")
-    eval_envs = EnvPool(args.env_name, max(1, min(args.eval_envs, args.eval_episodes)) if args.eval_interval else 0,
-                        args.eval_workers)  # environments of its own: evaluating never disturbs the training episode
-    print(eval_envs.describe())
-    train_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in train_np.items()}
-    val_data = val_np and {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
-    obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]  # D4RL: val_np None
+    if args.eval_interval:  # environments of their own
+        num_envs = max(1, min(args.eval_envs, args.eval_episodes))
+        eval_envs, where = make_eval_envs(args.env_name, num_envs, args.eval_workers,
+                                          record=args.capture_video)
+        print(where)
+    train_data, val_data = ({k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in
+                             data.items()} if data else None for data in (train_np, val_np))
+    obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]
     iav_report = None
-    if args.target_divergence == "auto":  # delta = c x IAV of this dataset (a resumed run keeps the saved delta)
-        iav_report = auto_target_divergence(args.env_name, train_np["observations"], train_np["actions"],
-                                            args.iav_scale, args.iav_queries, args.seed, device)
-        args.target_divergence, args.iav_scale = iav_report["target_divergence"], iav_report["scale"]
-        print(iav_report["message"])
-    try:  # the buffer starts as the dataset (then held only there); --balanced-sampling: an empty one of its own
-        buffer = ReplayBuffer({k: v[:0] for k, v in train_data.items()} if args.balanced_sampling else train_data,
-                              args.buffer_size)
+    if args.target_divergence == "auto":  # delta = c x IAV of the dataset (a resumed run keeps its)
+        from common.iav import auto_target_divergence
+
+        iav_report = auto_target_divergence(args, train_np, device)  # sets --target-divergence
+    try:  # the buffer starts as the dataset (then held only there); balanced: empty, apart from it
+        empty = {k: v[:0] for k, v in train_data.items()}
+        buffer = ReplayBuffer(empty if args.balanced_sampling else train_data, args.buffer_size)
     except torch.OutOfMemoryError:
-        sys.exit(f"error: a replay buffer of {args.buffer_size:,} transitions does not fit on {device}; lower "
-                 f"--buffer-size or use another device")
-    train_data = train_data if args.balanced_sampling else None  # sampled apart from the buffer only when balanced
+        sys.exit(f"error: a replay buffer of {args.buffer_size:,} transitions does not fit on "
+                 f"{device}; lower --buffer-size or use another device")
+    train_data = train_data if args.balanced_sampling else None
 
     agent = DeFlowAgent(obs_dim, action_dim, args).to(device)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, fused=True)
-    # Updates draw from torch's global stream; validation and the logged mse from log_rng: logging never steers training.
-    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]  # (evaluations: [seed, update >= 1, j])
+    trained = [p for p in agent.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=args.lr, fused=True)
+    # Updates draw from torch's global stream; validation and the logged mse from log_rng (seeded
+    # by SeedSequence([seed, 0, 0]); evaluation: [seed, update, j]): logging never steers training.
+    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]
     log_rng = torch.Generator(device).manual_seed(int(log_seed))
-    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device, log_rng)
+    start_step = restore(checkpoint, args.resume, agent, optimizer, log_rng) if checkpoint else 1
     if from_offline and start_step - 1 > args.offline_steps:
-        sys.exit(f"error: {args.resume} is at update {start_step - 1}, past --offline-steps {args.offline_steps}, so "
-                 f"the online phase would be cut short; give --offline-steps {start_step - 1} to go online from it")
-    nan = float("nan")  # the training episode under way, and exploration/*: the last finished one's results
-    episode = SimpleNamespace(done=True, obs=None, seed=None, noise=None, actions=[], ret=0.0, started=0, exploration={
-        "exploration/success": nan, "exploration/episode.return": nan, "exploration/episode.length": nan,
-        "exploration/episodes": 0})
+        sys.exit(f"error: {args.resume} is at update {start_step - 1}, past --offline-steps "
+                 f"{args.offline_steps}; give --offline-steps {start_step - 1} to go online there")
+    nan = float("nan")  # the training episode under way; exploration/*: the last finished one's
+    exploration = {f"exploration/{k}": nan for k in ("success", "episode.return", "episode.length")}
+    episode = SimpleNamespace(done=True, obs=None, seed=None, noise=None, actions=[], ret=0.0,
+                              started=0, exploration={**exploration, "exploration/episodes": 0})
     if resumed:  # its online rows and training episode too
-        if "noise" not in checkpoint.get("episode", {}):
-            sys.exit(f"error: {args.resume} was written by an older deflow_o2o.py (before per-episode seeds), whose "
-                     "training-episode state this one does not read; finish it with that version")
         try:
-            buffer.load_online_state(checkpoint["buffer"])
+            load_buffer_state(buffer, checkpoint["buffer"])
         except ValueError as e:
-            sys.exit(f"error: checkpoint {args.resume} does not fit this dataset and --buffer-size: {e}")
+            sys.exit(f"error: {args.resume} does not fit this dataset and --buffer-size: {e}")
         episode = resume_episode(env, checkpoint["episode"], device)
-    run = RunLog(args, run_name_of(args.env_name), checkpoint["step"] if resumed else None)
+    run = RunLog(args, checkpoint["step"] if resumed else None)
     if iav_report is not None:
         run.json("iav.json", iav_report)
-    if from_offline:  # offline_run.json: where its offline evaluations are (tools.plot draws them first)
+    if from_offline:  # offline_run.json: where its offline evaluations are (tools.plot draws them)
         run.json("offline_run.json", {"checkpoint": os.path.abspath(args.resume)})
         print(f"continuing the deflow_offline.py run of {args.resume} in a run folder of its own")
-    print(f"{'resuming' if resumed else 'new run'} {run.dir} at step {start_step}: {len(train_np['actions'])} "
-          f"train / {len(val_np['actions']) if val_np else 'no'} val transitions, delta {args.target_divergence:.3g}, "
-          f"replay buffer {buffer.capacity:,}{' (balanced)' if args.balanced_sampling else ''}")
+    val_size = len(val_np["actions"]) if val_np else "no"
+    print(f"{'resuming' if resumed else 'new run'} {run.dir} at step {start_step}: "
+          f"{len(train_np['actions'])} train / {val_size} val transitions, "
+          f"delta {args.target_divergence:.3g}; replay buffer of {buffer.capacity:,}")
 
-    losses_fn = deflow_losses  # --compile: the same losses as fused kernels (and CUDA graphs on CUDA)
+    losses_fn = deflow_losses  # --compile: the same losses as fused kernels (+ CUDA graphs on CUDA)
     if args.compile:
         check_compiler(device)
-        losses_fn = torch.compile(deflow_losses, mode="reduce-overhead" if device.type == "cuda" else None)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        losses_fn = torch.compile(deflow_losses, mode=mode)
 
-    watch, start_time = NonFiniteWatch(skip=("actor/mse",)), time.time()
+    reward_offset = -1.0 if args.env_name.startswith("D4RL/antmaze/") else 0.0  # as in the dataset
     total_steps = args.offline_steps + args.online_steps
-    last_log_time, last_log_step, env_time, env_steps = start_time, start_step - 1, 0.0, 0
-    for step in tqdm(range(start_step, total_steps + 1), initial=start_step - 1, total=total_steps,
-                     smoothing=0.1, dynamic_ncols=True):
+    watch, start_time = NonFiniteWatch(skip=("actor/mse",)), time.time()
+    last_log_time, last_log_step = start_time, start_step - 1
+    for step in tqdm(range(start_step, total_steps + 1), initial=start_step - 1,
+                     total=total_steps, smoothing=0.1, dynamic_ncols=True):
         online = step > args.offline_steps
         if online:  # one environment step of the current policy, stored before the update
-            env_start = time.perf_counter()
-            if episode.done:  # episode k: reset seed and noise from SeedSequence([seed, 0, k + 1]) (officially unseeded)
-                reset_seed, noise_seed = np.random.SeedSequence([args.seed, 0, episode.started + 1]).generate_state(2)
+            if episode.done:  # episode k: reset seed and noise from SeedSequence([seed, 0, k + 1])
+                words = [args.seed, 0, episode.started + 1]  # (officially unseeded)
+                reset_seed, noise_seed = np.random.SeedSequence(words).generate_state(2)
                 episode.seed, episode.actions, episode.ret = int(reset_seed), [], 0.0
                 episode.noise = torch.Generator(device).manual_seed(int(noise_seed))
                 episode.obs, _ = env.reset(seed=episode.seed)
@@ -560,22 +541,24 @@ if __name__ == "__main__":
                 noise = torch.randn((1, action_dim), device=device, generator=episode.noise)
                 action = sample_actions(agent, obs, noise, args.flow_steps)[0].float().cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
-            buffer.add(transition(episode.obs, action, reward + reward_offset(args.env_name), terminated, truncated,
-                                  next_obs))  # in the dataset's reward convention (D4RL AntMaze: r - 1); returns raw
-            episode.obs, episode.done, episode.ret = next_obs, terminated or truncated, episode.ret + float(reward)
+            buffer.add(transition(episode.obs, action, reward + reward_offset, terminated,
+                                  truncated, next_obs))  # rewards as the data's; returns raw
+            episode.obs, episode.done = next_obs, terminated or truncated
+            episode.ret += float(reward)
             episode.actions.append(action)
             if episode.done:  # officially exploration/* is every key of the final info dict
-                episode.exploration = {
-                    "exploration/success": float(info.get("success", nan)), "exploration/episode.return": episode.ret,
-                    "exploration/episode.length": len(episode.actions), "exploration/episodes": episode.started}
-            env_time, env_steps = env_time + time.perf_counter() - env_start, env_steps + 1
-        is_phase_end = step in (args.offline_steps, total_steps)
-        is_log_step = is_phase_end or args.log_interval > 0 and step % args.log_interval == 0
-        is_save_step = step == total_steps or args.save_interval > 0 and step % args.save_interval == 0
+                episode.exploration = {"exploration/success": float(info.get("success", nan)),
+                                       "exploration/episode.return": float(episode.ret),
+                                       "exploration/episode.length": len(episode.actions),
+                                       "exploration/episodes": episode.started}
+        is_end = step in (args.offline_steps, total_steps)  # the end of each phase
+        is_log_step = is_end or args.log_interval > 0 and step % args.log_interval == 0
+        is_save_step = is_end or args.save_interval > 0 and step % args.save_interval == 0
         if args.compile:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
-        metrics = update(agent, optimizer, draw_batch(buffer, train_data, args.batch_size, online), args,
-                         log_rng if is_log_step else None, not (online and args.fix_bc_flow_online), losses_fn)
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
+        batch = draw_batch(buffer, train_data, args.batch_size, online)
+        metrics = update(agent, optimizer, batch, args, log_rng if is_log_step else None,
+                         not (online and args.fix_bc_flow_online), losses_fn)
         watch.update(metrics, step)
         if is_log_step or is_save_step:
             watch.check(run.dir)  # a host sync: only here
@@ -584,31 +567,32 @@ if __name__ == "__main__":
             if val_data is not None:
                 with torch.no_grad(), autocast(args, device, rollout=False):
                     val_batch = sample_batch(val_data, args.batch_size, log_rng)
-                    val_noise = update_noise(args.batch_size, action_dim, device, log_rng, mse_rng=log_rng)
-                    _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
+                    val_draws = update_draws(args.batch_size, action_dim, device, log_rng, log_rng)
+                    _, val_metrics = deflow_losses(agent, val_batch, val_draws, args)
                 row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
             now = time.time()
             row.update({"time/epoch_time": (now - last_log_time) / (step - last_log_step),
-                        "time/env_time": env_time / env_steps if env_steps else nan,  # acting + env.step
                         "time/total_time": now - start_time, **episode.exploration})
-            last_log_time, last_log_step, env_time, env_steps = now, step, 0.0, 0
+            last_log_time, last_log_step = now, step
             run.write("train.csv", row, step)
-            tqdm.write(f"step {step}: " + "  ".join(f"{k.split('/')[-1]} {row['training/' + k]:.4g}" for k in (
-                "critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/alpha_value", "actor/q",
-                "actor/mse")) + (f"  | {episode.started} training episodes" if online else ""))
-        if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or is_phase_end):
-            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, step,
-                                            args.video_episodes if args.capture_video else 0)
+            shown = ("critic_loss", "bc_flow_loss", "distill_loss", "alpha_value", "q", "mse")
+            values = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("training/")}
+            tqdm.write(f"step {step}: " + "  ".join(f"{k} {values[k]:.4g}" for k in shown))
+        if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or is_end):
+            video_episodes = args.video_episodes if args.capture_video else 0
+            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed,
+                                            step, video_episodes)
             run.write("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             run.videos(videos, step)
-            tqdm.write(f"step {step}: evaluation/" + ", ".join(f"{k} {v:.3g}" for k, v in eval_metrics.items()))
+            tqdm.write(f"step {step}: evaluation/" + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                               eval_metrics.items()))
         if is_save_step:
             save_checkpoint(run.dir / "checkpoint.pt", {
                 "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(device, log_rng),
-                "buffer": buffer.online_state(), "episode": episode_state(episode, action_dim)})
-        if step == args.offline_steps and args.online_steps > 0:
-            tqdm.write(f"step {step}: offline phase done, going online for {args.online_steps} environment steps"
-                       + (" with the BC flow frozen" if args.fix_bc_flow_online else ""))
+                "optimizer": optimizer.state_dict(), "rng": rng_state(log_rng),
+                "buffer": buffer_state(buffer), "episode": episode_state(episode, action_dim)})
+        if step == args.offline_steps < total_steps:
+            frozen = ", the BC flow frozen" if args.fix_bc_flow_online else ""
+            tqdm.write(f"step {step}: offline phase done; {args.online_steps} online steps{frozen}")
     print(f"done: {run.dir}")
     run.finish()

@@ -1,19 +1,20 @@
 """DeFlow, offline, on state-based OGBench and D4RL: the whole method in one file.
 
-Paper: "Decoupling Manifold Modeling and Value Maximization for Offline Policy Extraction" (arXiv 2601.10471).
-Official code (JAX): github.com/muzhancun/DeFlow (agents/deflow.py, main.py), built on github.com/seohongpark/fql.
-  1. A flow-matching policy v(s, x, t) models the behavior data: plain BC, 10 Euler steps from noise give a_base.
+Paper: "Decoupling Manifold Modeling and Value Maximization for Offline Policy Extraction"
+(arXiv 2601.10471). Official code (JAX): github.com/muzhancun/DeFlow, on github.com/seohongpark/fql.
+  1. A flow-matching policy v(s, x, t) models the behavior data: 10 Euler steps from noise, a_base.
   2. A refinement network f(s, a_base) adds a residual: a = clip(a_base + f(s, a_base), -1, 1).
-  3. f climbs Q(s, a) while a Lagrange multiplier alpha keeps mean(f^2) near a target divergence delta.
+  3. f climbs Q(s, a) while a Lagrange multiplier alpha keeps mean(f^2) near a target divergence.
   4. Two critics learn Q by TD, bootstrapping with the same flow + refinement policy.
 Run:
   python deflow_offline.py --env-name cube-single-play-singletask-task1-v0 \\
-      --dataset-path data/cube-single-100ep.npz --generate-episodes 100  # no internet: generate it locally
+      --dataset-path data/cube-single-100ep.npz --generate-episodes 100  # no internet: generate it
   python deflow_offline.py --resume runs/<run>/checkpoint.pt  # continue a run exactly
-Recipes per task: README.md. Deviations from the official code: docs/deviations.md. Speed: docs/speed.md.
+Recipes: README.md. Deviations from the official code: docs/deviations.md. Speed: docs/speed.md.
 """
 
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -25,11 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.d4rl import normalized_return, run_name_of
 from common.datasets import DatasetError, load_env_and_datasets
-from common.envs import EnvPool
-from common.iav import auto_target_divergence
-from common.runs import NonFiniteWatch, RunLog, check_compiler, parse_args, restore, rng_state, save_checkpoint
+from common.envs import make_eval_envs
+from common.runs import NonFiniteWatch, RunLog, check_compiler, parse_args, restore, rng_state
+from common.runs import save_checkpoint
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ class Args:
     seed: int = 0
     """seed of python, numpy, torch and evaluation episodes (never of generated data)"""
     env_name: str = "cube-double-play-singletask-v0"
-    """OGBench <dataset>-singletask[-taskN]-v0, or a Minari id (D4RL/antmaze/large-play-v1)"""
+    """OGBench <dataset>-singletask[-taskN]-v0, or a D4RL (Minari) id: D4RL/antmaze/large-play-v1"""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"""
     run_dir: str = "runs"
@@ -70,8 +70,8 @@ class Args:
     """episodes per evaluation"""
     eval_envs: int = 8
     """environments run side by side in evaluation (about 0.2 GB each)"""
-    eval_workers: int = 0
-    """processes that step the evaluation environments (0: this one)"""
+    eval_workers: bool = False
+    """step the evaluation environments in processes of their own (gymnasium's AsyncVectorEnv)"""
     capture_video: bool = False
     """write the first --video-episodes episodes of each evaluation to <run>/videos/"""
     video_episodes: int = 1
@@ -118,10 +118,10 @@ class Args:
     """bfloat16 matmuls in the no-gradient rollouts or everywhere (pays where bfloat16 is native)"""
 
 
-# Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer, Xavier-uniform weights,
-# zero biases, a plain Linear output.
+# Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer,
+# Xavier-uniform weights, zero biases, a plain Linear output.
 class GELU(nn.Module):
-    """Flax's tanh-GELU; compiled, as x * sigmoid(2u): the same function, and faster on a CPU (docs/speed.md)."""
+    """Flax's tanh-GELU; compiled, as x * sigmoid(2u): the same function, faster on a CPU."""
 
     def forward(self, x):
         if torch.compiler.is_compiling():
@@ -145,7 +145,7 @@ def mlp(in_dim, hidden_dims, out_dim, layer_norm):
 
 
 class VectorField(nn.Module):
-    """v(s, x, t) -> R^A with use_time (the BC flow); f(s, a) -> R^A, unbounded, without (the refinement)."""
+    """v(s, x, t) -> R^A with use_time (the BC flow); f(s, a) -> R^A, unbounded, without it."""
 
     def __init__(self, obs_dim, action_dim, hidden_dims, layer_norm, use_time):
         super().__init__()
@@ -153,16 +153,16 @@ class VectorField(nn.Module):
         self.net = mlp(obs_dim + action_dim + int(use_time), hidden_dims, action_dim, layer_norm)
 
     def forward(self, obs, actions, t=None):
-        inputs = [obs, actions] if t is None else [obs, actions, t]  # t: the raw scalar in [0, 1), no embedding
+        inputs = [obs, actions] if t is None else [obs, actions, t]  # t: a raw scalar, no embedding
         return self.net(torch.cat(inputs, dim=-1))
 
 
 class EnsembleLinear(nn.Module):
-    """`members` Linear layers as one batched matmul: (members, B, in) -> (members, B, out); Xavier-uniform each."""
+    """`members` Linear layers as one batched matmul: (members, B, in) -> (members, B, out)."""
 
     def __init__(self, members, in_dim, out_dim):
         super().__init__()
-        bound = (6 / (in_dim + out_dim)) ** 0.5
+        bound = (6 / (in_dim + out_dim)) ** 0.5  # Xavier-uniform, each member
         self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
 
@@ -205,23 +205,26 @@ class DeFlowAgent(nn.Module):
 
     def __init__(self, obs_dim, action_dim, args):
         super().__init__()
-        self.flow = VectorField(obs_dim, action_dim, args.actor_hidden_dims, args.actor_layer_norm, use_time=True)
-        self.refine = VectorField(obs_dim, action_dim, args.refine_hidden_dims, args.actor_layer_norm, use_time=False)
+        self.flow = VectorField(obs_dim, action_dim, args.actor_hidden_dims, args.actor_layer_norm,
+                                use_time=True)
+        self.refine = VectorField(obs_dim, action_dim, args.refine_hidden_dims,
+                                  args.actor_layer_norm, use_time=False)
         self.critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
         self.target_critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
         self.target_critic.load_state_dict(self.critic.state_dict())
-        self.target_critic.requires_grad_(False)  # moved by the EMA only (officially in Adam too, no gradient)
+        self.target_critic.requires_grad_(False)  # the EMA moves it (officially in Adam, no grad)
         self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e
 
 
-# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream, evaluation per episode.
+# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream,
+# evaluation from each episode's own.
 def flow_actions(flow, obs, noise, flow_steps):
-    """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K (clipped only at the end)."""
+    """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K."""
     x = noise
     for i in range(flow_steps):
         t = torch.full((*x.shape[:-1], 1), i / flow_steps, device=x.device)
         x = x + flow(obs, x, t) / flow_steps
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1)  # clipped only at the end
 
 
 def refine_actions(agent, obs, base_actions):
@@ -234,7 +237,7 @@ def sample_actions(agent, obs, noise, flow_steps):
 
 
 def flow_matching_loss(flow, obs, actions, x_0, t):
-    """Rectified path from noise x_0 to the action: x_t = (1 - t) x_0 + t a, target velocity a - x_0."""
+    """Rectified path from noise x_0 to the action: x_t = (1 - t) x_0 + t a, velocity a - x_0."""
     x_t = (1 - t) * x_0 + t * actions
     return (flow(obs, x_t, t) - (actions - x_0)).square().mean()
 
@@ -245,32 +248,32 @@ def autocast(args, device, rollout):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def update_noise(batch_size, action_dim, device, generator=None, mse_rng=None):
-    """The update's draws from `generator` (None: torch's global stream), made outside the losses: eager and compiled
-    code see the same numbers. With mse_rng, also the noise of the logged mse's rollout, drawn from that stream."""
-    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)  # official: a key per use
-    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2],
-             "t": torch.rand((batch_size, 1), device=device, generator=generator)}
+def update_draws(batch_size, action_dim, device, generator=None, mse_rng=None):
+    """The update's random numbers, drawn outside the losses (eager and compiled code see the same)
+    from `generator` (None: torch's global stream); with mse_rng, the logged mse's noise too."""
+    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)
+    draws = {"next_base_noise": noise[0], "x_0": noise[1], "base_noise": noise[2],  # officially a
+             "t": torch.rand((batch_size, 1), device=device, generator=generator)}  # key per use
     if mse_rng is not None:
-        draws["mse"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
+        draws["mse_noise"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
     return draws
 
 
 # The update. Who learns from what (one backward of the sum, one Adam step):
-#   critic    <- critic_loss                       (TD to r + gamma * mask * Q_target(s', pi(s')))
-#   flow      <- bc_flow_loss                      (flow matching on the dataset's actions)
-#   refine    <- sg(alpha) * distill + q_loss      (stay near a_base, climb Q through the action only)
-#   log_alpha <- alpha_loss                        (alpha rises while distill > delta, falls while below)
+#   critic    <- critic_loss                   (TD to r + gamma * mask * Q_target(s', pi(s')))
+#   flow      <- bc_flow_loss                  (flow matching on the dataset's actions)
+#   refine    <- sg(alpha) * distill + q_loss  (stay near a_base, climb Q through the action only)
+#   log_alpha <- alpha_loss                    (alpha rises while distill > delta, else falls)
 #   target    <- nothing; the EMA of the critic's pre-step weights
-def deflow_losses(agent, batch, noise, args):
-    """(total loss, metrics under the official names) of a batch and its draws; what --compile compiles."""
+def deflow_losses(agent, batch, draws, args):
+    """(total loss, metrics under the official names) of a batch and its draws: --compile's part."""
     obs, next_obs, actions = batch["observations"], batch["next_observations"], batch["actions"]
 
-    # The two no-gradient flow rollouts, a_base(s') for the TD target and a_base(s), as one rollout over 2B rows.
+    # The no-gradient flow rollouts a_base(s') for the TD target and a_base(s), as one of 2B rows.
     with torch.no_grad(), autocast(args, obs.device, rollout=True):
+        noise = torch.cat([draws["next_base_noise"], draws["base_noise"]])
         next_base_actions, base_actions = flow_actions(
-            agent.flow, torch.cat([next_obs, obs]), torch.cat([noise["next_actions"], noise["base_actions"]]),
-            args.flow_steps).chunk(2)
+            agent.flow, torch.cat([next_obs, obs]), noise, args.flow_steps).chunk(2)
 
     with torch.no_grad():
         next_qs = agent.target_critic(next_obs, refine_actions(agent, next_obs, next_base_actions))
@@ -279,9 +282,9 @@ def deflow_losses(agent, batch, noise, args):
     qs = agent.critic(obs, actions)
     critic_loss = (qs - target_q).square().mean()
 
-    bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, noise["x_0"], noise["t"])
+    bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, draws["x_0"], draws["t"])
 
-    refinement = agent.refine(obs, base_actions)  # a_base has no gradient: none reaches the flow through it
+    refinement = agent.refine(obs, base_actions)  # a_base has no gradient: none reaches the flow
     distill_loss = refinement.square().mean()  # mean over batch and action dimensions
     if args.use_lagrange:
         alpha = agent.log_alpha.exp()
@@ -302,126 +305,157 @@ def deflow_losses(agent, batch, noise, args):
     actor_loss = bc_flow_loss + penalty + q_loss + alpha_loss
     metrics = {
         "critic/critic_loss": critic_loss, "critic/q_mean": qs.mean(), "critic/q_max": qs.max(),
-        "critic/q_min": qs.min(), "actor/actor_loss": actor_loss, "actor/bc_flow_loss": bc_flow_loss,
-        "actor/distill_loss": distill_loss, "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
+        "critic/q_min": qs.min(), "actor/actor_loss": actor_loss,
+        "actor/bc_flow_loss": bc_flow_loss, "actor/distill_loss": distill_loss,
+        "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
         "actor/alpha_value": alpha.detach().squeeze(),
     }
-    if "mse" in noise:  # a third rollout, on logging steps only (officially every update)
+    if "mse_noise" in draws:  # a third rollout, on logging steps only (officially every update)
         with torch.no_grad(), autocast(args, obs.device, rollout=True):
-            metrics["actor/mse"] = (sample_actions(agent, obs, noise["mse"], args.flow_steps) - actions).square().mean()
+            mse_actions = sample_actions(agent, obs, draws["mse_noise"], args.flow_steps)
+            metrics["actor/mse"] = (mse_actions - actions).square().mean()
     return critic_loss + actor_loss, metrics
 
 
 def update(agent, optimizer, batch, args, log_rng=None, losses=deflow_losses):
-    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step; with log_rng
-    (logging steps), also the logged mse, its noise from log_rng."""
-    noise = update_noise(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
+    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam
+    step; with log_rng (a logging step), also the logged mse, its noise drawn from log_rng."""
+    draws = update_draws(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
     with autocast(args, batch["actions"].device, rollout=False):
-        loss, metrics = losses(agent, batch, noise, args)
+        loss, metrics = losses(agent, batch, draws, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, theta before this step
-        torch._foreach_lerp_(list(agent.target_critic.parameters()), list(agent.critic.parameters()), args.tau)
+    with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, theta pre-step
+        target, online = agent.target_critic.parameters(), agent.critic.parameters()
+        torch._foreach_lerp_(list(target), list(online), args.tau)
     optimizer.step()
     return {k: v.detach() for k, v in metrics.items()}
 
 
 def sample_batch(data, batch_size, generator=None):
-    idx = torch.randint(len(data["actions"]), (batch_size,), device=data["actions"].device, generator=generator)
+    idx = torch.randint(len(data["actions"]), (batch_size,), generator=generator,
+                        device=data["actions"].device)
     return {k: v[idx] for k, v in data.items()}
 
 
-# Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time, one batched
-# policy call per step. Episode j of the evaluation at update `step` takes its reset seed and its noise stream from
-# SeedSequence([seed, step, j]): no two episodes of any evaluation of any run share a start state or noise
-# (officially every episode resets unseeded).
+# Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time
+# (gymnasium.vector, autoreset off), one batched policy call per step. Episode j of the evaluation
+# at update `step` takes its reset seed and noise stream from SeedSequence([seed, step, j]): no two
+# episodes of any evaluation of any run share a start state or noise (officially: unseeded resets).
 @torch.no_grad()
-def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions, noise_shape=()):
-    """(metrics, {episode: video frames}); policy(agent, obs, noise of shape (B, *noise_shape, A), flow_steps)."""
-    device, episodes = agent.log_alpha.device, iter(range(num_episodes))
-    running, finished, videos = {}, [], {}  # env index -> its episode's state; (success, return, length) of each
+def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions,
+             noise_shape=()):
+    """(metrics, {episode: video frames}); envs: common.envs.make_eval_envs's (its first
+    video_episodes are recorded); policy(agent, obs, noise (B, *noise_shape, A), flow_steps)."""
+    device, n, episodes = agent.log_alpha.device, envs.num_envs, iter(range(num_episodes))
+    running, finished, videos = {}, [], {}  # env -> its episode (in start order); their results
+    free, record = np.ones(n, dtype=bool), np.arange(n) < video_episodes  # free: to reset
     while True:
-        starts = {i: episode for i in range(envs.num_envs) if i not in running
-                  and (episode := next(episodes, None)) is not None}
-        record = [i for i, episode in starts.items() if episode < video_episodes]
-        seeds = {i: np.random.SeedSequence([seed, step, episode]).generate_state(2) for i, episode in starts.items()}
-        for i, obs in envs.reset({i: int(s[0]) for i, s in seeds.items()}, record).items():
-            running[i] = {"obs": obs, "noise": torch.Generator().manual_seed(int(seeds[i][1])), "episode": starts[i],
-                          "return": 0.0, "length": 0}
+        seeds = [None] * n
+        for i in np.flatnonzero(free):
+            if (j := next(episodes, None)) is not None:
+                reset_seed, noise_seed = np.random.SeedSequence([seed, step, j]).generate_state(2)
+                noise = torch.Generator().manual_seed(int(noise_seed))
+                seeds[i] = int(reset_seed)
+                running[i] = {"episode": j, "noise": noise, "return": 0.0, "length": 0}
         if not running:
             break
-        obs = torch.as_tensor(np.stack([e["obs"] for e in running.values()]), dtype=torch.float32, device=device)
-        noise = torch.stack([torch.randn((*noise_shape, agent.flow.action_dim), generator=e["noise"])
-                             for e in running.values()]).to(device)
+        if free.any():  # a new episode on each free environment; where none is left, park it
+            park = free & np.array([s is None for s in seeds])
+            options = {"reset_mask": free, "park": park, "record": record}
+            obs, _ = envs.reset(seed=seeds, options=options)
+            free[:], record[:] = False, False
+        idx = list(running)
+        shape = (*noise_shape, agent.flow.action_dim)
+        noise = torch.stack([torch.randn(shape, generator=running[i]["noise"]) for i in idx])
+        actions = np.zeros(envs.action_space.shape, dtype=np.float32)
         with autocast(args, device, rollout=True):
-            actions = policy(agent, obs, noise, args.flow_steps).float().cpu().numpy()
-        for i, (next_obs, reward, terminated, truncated, success) in envs.step(dict(zip(running, actions))).items():
+            x = torch.as_tensor(obs[idx], dtype=torch.float32, device=device)
+            actions[idx] = policy(agent, x, noise.to(device), args.flow_steps).float().cpu().numpy()
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        for i in idx:
             e = running[i]
-            e["obs"], e["return"], e["length"] = next_obs, e["return"] + reward, e["length"] + 1
-            if terminated or truncated:
+            e["return"], e["length"] = e["return"] + rewards[i], e["length"] + 1
+            if terminated[i] or truncated[i]:
+                success = info["success"][i] if "success" in info else np.nan
                 finished.append((success, e["return"], e["length"]))
-                if (frames := envs.video(i)) is not None:
-                    videos[e["episode"]] = frames
+                if "frames" in info and info["_frames"][i]:
+                    videos[e["episode"]] = np.stack(info["frames"][i])
+                free[i] = True
                 del running[i]
     success, episode_return, length = np.mean(finished, axis=0)
-    metrics = {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}
-    if (score := normalized_return(args.env_name, float(episode_return))) is not None:  # D4RL: 100 x the D4RL score
-        metrics["episode.normalized_return"] = score
+    metrics = {"success": float(success), "episode.return": float(episode_return),
+               "episode.length": float(length)}
+    if "/" in args.env_name:  # D4RL (a Minari id): also 100 x the D4RL score
+        from common.d4rl import normalized_return
+
+        metrics["episode.normalized_return"] = normalized_return(args.env_name, episode_return)
     return metrics, videos
 
 
 if __name__ == "__main__":
-    args, checkpoint = parse_args(Args, "DeFlow, offline, on state-based OGBench and D4RL.")
+    args, checkpoint = parse_args(Args, __doc__)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders (videos, pixels) without a display
+    resumed = checkpoint is not None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto_device if args.device == "auto" else args.device)
 
     try:
-        _, train_np, val_np = load_env_and_datasets(args.env_name, args.dataset_dir, args.dataset_path,
-                                                    args.generate_episodes, args.num_workers)
+        env, train_np, val_np = load_env_and_datasets(
+            args.env_name, args.dataset_dir, args.dataset_path, args.generate_episodes,
+            args.num_workers)
     except DatasetError as e:
         sys.exit(f"error: {e}")
-    eval_envs = EnvPool(args.env_name, max(1, min(args.eval_envs, args.eval_episodes)) if args.eval_interval else 0,
-                        args.eval_workers)
-    print(eval_envs.describe())
-    train_data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in train_np.items()}
-    val_data = val_np and {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in val_np.items()}
-    obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]  # D4RL: val_np None
+    if args.eval_interval:  # environments of their own
+        num_envs = max(1, min(args.eval_envs, args.eval_episodes))
+        eval_envs, where = make_eval_envs(args.env_name, num_envs, args.eval_workers,
+                                          record=args.capture_video)
+        print(where)
+    train_data, val_data = ({k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in
+                             data.items()} if data else None for data in (train_np, val_np))
+    obs_dim, action_dim = train_np["observations"].shape[-1], train_np["actions"].shape[-1]
     iav_report = None
-    if args.target_divergence == "auto":  # delta = c x IAV of this dataset (a resumed run keeps the saved delta)
-        iav_report = auto_target_divergence(args.env_name, train_np["observations"], train_np["actions"],
-                                            args.iav_scale, args.iav_queries, args.seed, device)
-        args.target_divergence, args.iav_scale = iav_report["target_divergence"], iav_report["scale"]
-        print(iav_report["message"])
+    if args.target_divergence == "auto":  # delta = c x IAV of the dataset (a resumed run keeps its)
+        from common.iav import auto_target_divergence
+
+        iav_report = auto_target_divergence(args, train_np, device)  # sets --target-divergence
 
     agent = DeFlowAgent(obs_dim, action_dim, args).to(device)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, fused=True)
-    # Updates draw from torch's global stream; validation and the logged mse from log_rng: logging never steers training.
-    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]  # (evaluations: [seed, update >= 1, j])
+    trained = [p for p in agent.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=args.lr, fused=True)
+    # Updates draw from torch's global stream; validation and the logged mse from log_rng (seeded
+    # by SeedSequence([seed, 0, 0]); evaluation: [seed, update, j]): logging never steers training.
+    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]
     log_rng = torch.Generator(device).manual_seed(int(log_seed))
-    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device, log_rng)
-    run = RunLog(args, run_name_of(args.env_name), None if checkpoint is None else checkpoint["step"])
+    start_step = restore(checkpoint, args.resume, agent, optimizer, log_rng) if checkpoint else 1
+    run = RunLog(args, checkpoint["step"] if resumed else None)
     if iav_report is not None:
         run.json("iav.json", iav_report)
-    print(f"{'resuming' if checkpoint else 'new run'} {run.dir} at step {start_step}: {len(train_np['actions'])} "
-          f"train / {len(val_np['actions']) if val_np else 'no'} val transitions, delta {args.target_divergence:.3g}")
+    val_size = len(val_np["actions"]) if val_np else "no"
+    print(f"{'resuming' if resumed else 'new run'} {run.dir} at step {start_step}: "
+          f"{len(train_np['actions'])} train / {val_size} val transitions, "
+          f"delta {args.target_divergence:.3g}")
 
-    losses_fn = deflow_losses  # --compile: the same losses as fused kernels (and CUDA graphs on CUDA)
+    losses_fn = deflow_losses  # --compile: the same losses as fused kernels (+ CUDA graphs on CUDA)
     if args.compile:
         check_compiler(device)
-        losses_fn = torch.compile(deflow_losses, mode="reduce-overhead" if device.type == "cuda" else None)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        losses_fn = torch.compile(deflow_losses, mode=mode)
 
     watch, start_time = NonFiniteWatch(skip=("actor/mse",)), time.time()
     last_log_time, last_log_step = start_time, start_step - 1
-    for step in tqdm(range(start_step, args.offline_steps + 1), initial=start_step - 1, total=args.offline_steps,
-                     smoothing=0.1, dynamic_ncols=True):
-        is_log_step = step == args.offline_steps or args.log_interval > 0 and step % args.log_interval == 0
-        is_save_step = step == args.offline_steps or args.save_interval > 0 and step % args.save_interval == 0
+    for step in tqdm(range(start_step, args.offline_steps + 1), initial=start_step - 1,
+                     total=args.offline_steps, smoothing=0.1, dynamic_ncols=True):
+        is_end = step == args.offline_steps
+        is_log_step = is_end or args.log_interval > 0 and step % args.log_interval == 0
+        is_save_step = is_end or args.save_interval > 0 and step % args.save_interval == 0
         if args.compile:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
-        metrics = update(agent, optimizer, sample_batch(train_data, args.batch_size), args,
-                         log_rng if is_log_step else None, losses_fn)
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
+        batch = sample_batch(train_data, args.batch_size)
+        metrics = update(agent, optimizer, batch, args, log_rng if is_log_step else None, losses_fn)
         watch.update(metrics, step)
         if is_log_step or is_save_step:
             watch.check(run.dir)  # a host sync: only here
@@ -430,26 +464,28 @@ if __name__ == "__main__":
             if val_data is not None:
                 with torch.no_grad(), autocast(args, device, rollout=False):
                     val_batch = sample_batch(val_data, args.batch_size, log_rng)
-                    val_noise = update_noise(args.batch_size, action_dim, device, log_rng, mse_rng=log_rng)
-                    _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
+                    val_draws = update_draws(args.batch_size, action_dim, device, log_rng, log_rng)
+                    _, val_metrics = deflow_losses(agent, val_batch, val_draws, args)
                 row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
             now = time.time()
             row.update({"time/epoch_time": (now - last_log_time) / (step - last_log_step),
                         "time/total_time": now - start_time})
             last_log_time, last_log_step = now, step
             run.write("train.csv", row, step)
-            tqdm.write(f"step {step}: " + "  ".join(f"{k.split('/')[-1]} {row['training/' + k]:.4g}" for k in (
-                "critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/alpha_value", "actor/q",
-                "actor/mse")))
-        if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or step == args.offline_steps):
-            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, step,
-                                            args.video_episodes if args.capture_video else 0)
+            shown = ("critic_loss", "bc_flow_loss", "distill_loss", "alpha_value", "q", "mse")
+            values = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("training/")}
+            tqdm.write(f"step {step}: " + "  ".join(f"{k} {values[k]:.4g}" for k in shown))
+        if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or is_end):
+            video_episodes = args.video_episodes if args.capture_video else 0
+            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed,
+                                            step, video_episodes)
             run.write("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             run.videos(videos, step)
-            tqdm.write(f"step {step}: evaluation/" + ", ".join(f"{k} {v:.3g}" for k, v in eval_metrics.items()))
+            tqdm.write(f"step {step}: evaluation/" + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                               eval_metrics.items()))
         if is_save_step:
             save_checkpoint(run.dir / "checkpoint.pt", {
                 "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(device, log_rng)})
+                "optimizer": optimizer.state_dict(), "rng": rng_state(log_rng)})
     print(f"done: {run.dir}")
     run.finish()

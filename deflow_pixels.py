@@ -1,24 +1,24 @@
 """DeFlow, offline, from pixels on visual OGBench: the whole method in one file.
 
-Paper: "Decoupling Manifold Modeling and Value Maximization for Offline Policy Extraction" (arXiv 2601.10471).
-Official code (JAX): github.com/muzhancun/DeFlow (agents/deflow.py, main.py), built on github.com/seohongpark/fql.
-  1. A flow-matching policy v(s, x, t) models the behavior data: plain BC, 10 Euler steps from noise give a_base.
+Paper: "Decoupling Manifold Modeling and Value Maximization for Offline Policy Extraction"
+(arXiv 2601.10471). Official code (JAX): github.com/muzhancun/DeFlow, on github.com/seohongpark/fql.
+  1. A flow-matching policy v(s, x, t) models the behavior data: 10 Euler steps from noise, a_base.
   2. A refinement network f(s, a_base) adds a residual: a = clip(a_base + f(s, a_base), -1, 1).
-  3. f climbs Q(s, a) while a Lagrange multiplier alpha keeps mean(f^2) near a target divergence delta.
+  3. f climbs Q(s, a) while a Lagrange multiplier alpha keeps mean(f^2) near a target divergence.
   4. Two critics learn Q by TD, bootstrapping with the same flow + refinement policy.
-Pixels add: s = the last --frame-stack 64x64 RGB frames, an IMPALA-small encoder per network, random shifts (--p-aug).
-Run (MuJoCo renders the evaluation frames: without a display set MUJOCO_GL=egl or osmesa):
+  5. Pixels: s = the last --frame-stack 64x64 RGB frames, an IMPALA encoder for each network.
+Run:
   python deflow_pixels.py --env-name visual-cube-single-play-singletask-task1-v0 \\
-      --dataset-path data/visual-cube-single-100ep.npz --generate-episodes 100  # no internet: generate it locally
+      --dataset-path data/visual-cube-single-100ep.npz --generate-episodes 100  # no internet
   python deflow_pixels.py --resume runs/<run>/checkpoint.pt  # continue a run exactly
-Recipes per task: README.md. Deviations from the official code: docs/deviations.md. Speed: docs/speed.md.
+Recipes: README.md. Deviations from the official code: docs/deviations.md. Speed: docs/speed.md.
 """
 
 import dataclasses
+import os
 import random
 import sys
 import time
-from collections import deque
 from functools import partial
 from typing import Literal, Optional
 
@@ -28,15 +28,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import DatasetError, load_visual_datasets
-from common.envs import EnvPool
-from common.runs import NonFiniteWatch, RunLog, check_compiler, parse_args, restore, rng_state, save_checkpoint
+from common.datasets import DatasetError
+from common.envs import make_eval_envs
+from common.runs import NonFiniteWatch, RunLog, check_compiler, parse_args, restore, rng_state
+from common.runs import save_checkpoint
+from common.visual import load_visual_datasets
 
 
 @dataclasses.dataclass
 class Args:
     exp_name: str = "deflow_pixels"
-    """name of this experiment (part of the run folder's name)"""
+    """experiment name (part of the run folder's name)"""
     seed: int = 0
     """seed of python, numpy, torch and evaluation episodes (never of generated data)"""
     env_name: str = "visual-cube-single-play-singletask-task1-v0"
@@ -62,7 +64,7 @@ class Args:
     num_workers: int = 1
     """processes for --generate-episodes"""
     dataset_fraction: float = 1.0
-    """train on the first fraction of the episodes (train and val); 1M frames need 12 GB on the device"""
+    """train on the first fraction of the episodes (train and val): 1M frames need 12 GB"""
     offline_steps: int = 500_000
     """number of gradient updates"""
     log_interval: int = 5000
@@ -73,10 +75,10 @@ class Args:
     """episodes per evaluation"""
     eval_envs: int = 8
     """environments run side by side in evaluation (about 0.2 GB each)"""
-    eval_workers: int = 0
-    """processes that step the evaluation environments (0: this one)"""
+    eval_workers: bool = False
+    """step the evaluation environments in processes of their own (gymnasium's AsyncVectorEnv)"""
     eval_max_episode_steps: Optional[int] = None
-    """cut evaluation episodes at this many steps (None: the task's own length); for quick checks only"""
+    """cut evaluation episodes at this many steps (None: the task's own); for quick checks only"""
     capture_video: bool = False
     """write the first --video-episodes episodes of each evaluation to <run>/videos/"""
     video_episodes: int = 1
@@ -84,15 +86,15 @@ class Args:
     save_interval: int = 500_000
     """write checkpoint.pt every this many updates and at the end (0: at the end only)"""
     frame_stack: int = 3
-    """frames stacked on the channel axis (dataset: clamped at episode starts; environment: reset frame repeated)"""
+    """frames on the channel axis (dataset: clamped at episode starts; env: reset frame repeated)"""
     p_aug: float = 0.5
     """probability that a batch is randomly shifted (one coin per batch; edge-pad 3, crop back)"""
     encoder_stack_sizes: tuple[int, ...] = (16, 32, 32)
-    """IMPALA stacks: conv 3x3 + max-pool 3x3/2 + one residual block each (official impala_small: 16 32 32)"""
+    """IMPALA stacks: conv 3x3, max-pool 3x3/2, residual block (official impala_small: 16 32 32)"""
     encoder_head_dims: tuple[int, ...] = (512,)
     """MLP head of each encoder, GELU after every layer (official impala_small: 512)"""
     lr: float = 3e-4
-    """Adam learning rate (of every trained tensor, encoders and log_alpha included)"""
+    """Adam learning rate (log_alpha's too)"""
     batch_size: int = 256
     """transitions per update (one batch for critic and actor)"""
     actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
@@ -108,13 +110,13 @@ class Args:
     discount: float = 0.99
     """discount factor gamma"""
     tau: float = 0.005
-    """target critic EMA rate (its encoder included)"""
+    """target critic EMA rate"""
     q_agg: Literal["mean", "min"] = "mean"
     """the TD target's aggregate of the two target critics (the actor takes the mean)"""
     flow_steps: int = 10
     """Euler steps of the BC flow"""
     target_divergence: float = 0.001
-    """delta, the trust region of mean(refinement^2) (0.0005 for the puzzles; no 'auto' from pixels)"""
+    """delta, the trust region of mean(refinement^2) (0.0005 for the puzzles; no 'auto' here)"""
     use_lagrange: bool = True
     """learn the penalty weight alpha (every recipe); --no-use-lagrange: fixed --alpha"""
     alpha: float = 10.0
@@ -127,10 +129,10 @@ class Args:
     """bfloat16 matmuls in the no-gradient rollouts or everywhere (pays where bfloat16 is native)"""
 
 
-# Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer, Xavier-uniform weights
-# (convolutions too), zero biases, a plain Linear output.
+# Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer,
+# Xavier-uniform weights, zero biases, a plain Linear output.
 class GELU(nn.Module):
-    """Flax's tanh-GELU; compiled, as x * sigmoid(2u): the same function, and faster on a CPU (docs/speed.md)."""
+    """Flax's tanh-GELU; compiled, as x * sigmoid(2u): the same function, faster on a CPU."""
 
     def forward(self, x):
         if torch.compiler.is_compiling():
@@ -145,13 +147,13 @@ def mlp(in_dim, hidden_dims, out_dim, layer_norm):
         if layer_norm:
             layers.append(nn.LayerNorm(width, eps=1e-6))
         in_dim = width
-    if out_dim is not None:  # None: the last GELU is the output (Flax's activate_final)
-        layers.append(nn.Linear(in_dim, out_dim))
+    layers.append(nn.Linear(in_dim, out_dim))
     for layer in layers:
         if isinstance(layer, nn.Linear):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
+
 
 
 def conv3x3(in_channels, out_channels):
@@ -162,10 +164,10 @@ def conv3x3(in_channels, out_channels):
 
 
 def max_pool_same(x):
-    """3x3 max-pool, stride 2, TF/Flax SAME padding: bottom/right first (on even sizes all of it), unlike
-    MaxPool2d(3, 2, padding=1), which pads both sides and so shifts every window by one pixel."""
+    """3x3 max-pool, stride 2, TF/Flax SAME padding: bottom/right first (on even sizes all of it),
+    unlike MaxPool2d(3, 2, padding=1), which pads both sides and shifts every window by a pixel."""
     pads = []
-    for size in (x.shape[-1], x.shape[-2]):  # F.pad order: width (left, right), then height (top, bottom)
+    for size in (x.shape[-1], x.shape[-2]):  # F.pad's order: width (left, right), then height
         total = max((-(-size // 2) - 1) * 2 + 3 - size, 0)
         pads += [total // 2, total - total // 2]
     return F.max_pool2d(F.pad(x, pads, value=float("-inf")), 3, 2)
@@ -181,8 +183,9 @@ class ResidualBlock(nn.Module):
 
 
 class ImpalaEncoder(nn.Module):
-    """IMPALA-small: per stack conv 3x3 -> max-pool 3x3/2 (SAME) -> residual block; ReLU, flatten, MLP head + GELU.
-    uint8 frames (B, H, W, C) in, scaled to [0, 1]; 1,105,920 parameters at 64x64x9, as officially."""
+    """IMPALA-small: per stack conv 3x3 -> max-pool 3x3/2 (SAME) -> residual block; ReLU, flatten,
+    an MLP head with GELU after its last layer too. uint8 frames (B, H, W, C) in, scaled to [0, 1];
+    1,105,920 parameters at 64x64x9, as officially."""
 
     def __init__(self, image_shape, stack_sizes, head_dims):
         super().__init__()
@@ -192,8 +195,8 @@ class ImpalaEncoder(nn.Module):
             self.convs.append(conv3x3(channels, size))
             self.blocks.append(ResidualBlock(size))
             channels, height, width = size, -(-height // 2), -(-width // 2)
-        self.head = mlp(height * width * channels, head_dims, None, layer_norm=False)
-        self.out_dim = head_dims[-1]
+        flat = height * width * channels
+        self.head = nn.Sequential(mlp(flat, head_dims[:-1], head_dims[-1], False), GELU())
 
     def forward(self, frames):
         x = frames.permute(0, 3, 1, 2).float() / 255.0
@@ -203,25 +206,24 @@ class ImpalaEncoder(nn.Module):
 
 
 class VectorField(nn.Module):
-    """v(s, x, t) -> R^A with use_time (the BC flow); f(s, a) -> R^A, unbounded, without (the refinement).
-    forward() takes the features self.encoder(frames): one encoding serves many calls (the Euler steps)."""
+    """v(s, x, t) -> R^A with use_time (the BC flow); f(s, a) -> R^A, unbounded, without it."""
 
-    def __init__(self, encoder, action_dim, hidden_dims, layer_norm, use_time):
+    def __init__(self, obs_dim, action_dim, hidden_dims, layer_norm, use_time):
         super().__init__()
-        self.encoder, self.action_dim = encoder, action_dim
-        self.net = mlp(encoder.out_dim + action_dim + int(use_time), hidden_dims, action_dim, layer_norm)
+        self.action_dim = action_dim
+        self.net = mlp(obs_dim + action_dim + int(use_time), hidden_dims, action_dim, layer_norm)
 
     def forward(self, obs, actions, t=None):
-        inputs = [obs, actions] if t is None else [obs, actions, t]  # t: the raw scalar in [0, 1), no embedding
+        inputs = [obs, actions] if t is None else [obs, actions, t]  # t: a raw scalar, no embedding
         return self.net(torch.cat(inputs, dim=-1))
 
 
 class EnsembleLinear(nn.Module):
-    """`members` Linear layers as one batched matmul: (members, B, in) -> (members, B, out); Xavier-uniform each."""
+    """`members` Linear layers as one batched matmul: (members, B, in) -> (members, B, out)."""
 
     def __init__(self, members, in_dim, out_dim):
         super().__init__()
-        bound = (6 / (in_dim + out_dim)) ** 0.5
+        bound = (6 / (in_dim + out_dim)) ** 0.5  # Xavier-uniform, each member
         self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
 
@@ -240,13 +242,12 @@ class EnsembleLayerNorm(nn.Module):
 
 
 class Critic(nn.Module):
-    """Two independently initialised Q networks on one shared encoder, run as one; forward() takes its features."""
+    """Two independently initialised Q networks, run as one."""
 
-    def __init__(self, encoder, action_dim, hidden_dims, layer_norm, members=2):
+    def __init__(self, obs_dim, action_dim, hidden_dims, layer_norm, members=2):
         super().__init__()
-        self.encoder = encoder
         layers = []
-        in_dim = encoder.out_dim + action_dim
+        in_dim = obs_dim + action_dim
         for width in hidden_dims:
             layers += [EnsembleLinear(members, in_dim, width), GELU()]
             if layer_norm:
@@ -255,51 +256,63 @@ class Critic(nn.Module):
         layers.append(EnsembleLinear(members, in_dim, 1))
         self.members, self.net = members, nn.Sequential(*layers)
 
-    def forward(self, obs, actions):  # (B, features), (B, A) -> (2, B)
+    def forward(self, obs, actions):  # (B, obs_dim), (B, A) -> (2, B)
         x = torch.cat([obs, actions], dim=-1)
         return self.net(x.expand(self.members, *x.shape)).squeeze(-1)
 
 
 class DeFlowAgent(nn.Module):
-    """Every learned tensor: one state_dict is the whole agent, encoders and log_alpha included."""
+    """Every learned tensor: one state_dict is the whole agent, encoders and log_alpha included.
+    Each network has an encoder of its own (the target critic a copy of the critic's) and takes its
+    features: one encoding serves many calls (the Euler steps)."""
 
     def __init__(self, image_shape, action_dim, args):
         super().__init__()
-        encoder = partial(ImpalaEncoder, image_shape, args.encoder_stack_sizes, args.encoder_head_dims)  # one each
-        self.flow = VectorField(encoder(), action_dim, args.actor_hidden_dims, args.actor_layer_norm, use_time=True)
-        self.refine = VectorField(encoder(), action_dim, args.refine_hidden_dims, args.actor_layer_norm, use_time=False)
-        self.critic = Critic(encoder(), action_dim, args.value_hidden_dims, args.layer_norm)
-        self.target_critic = Critic(encoder(), action_dim, args.value_hidden_dims, args.layer_norm)
+        encoder = partial(ImpalaEncoder, image_shape, args.encoder_stack_sizes,
+                          args.encoder_head_dims)
+        obs_dim = args.encoder_head_dims[-1]  # the networks' input: features
+        self.flow_encoder = encoder()
+        self.flow = VectorField(obs_dim, action_dim, args.actor_hidden_dims, args.actor_layer_norm,
+                                use_time=True)
+        self.refine_encoder = encoder()
+        self.refine = VectorField(obs_dim, action_dim, args.refine_hidden_dims,
+                                  args.actor_layer_norm, use_time=False)
+        self.critic_encoder = encoder()
+        self.critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
+        self.target_critic_encoder = encoder()
+        self.target_critic = Critic(obs_dim, action_dim, args.value_hidden_dims, args.layer_norm)
+        self.target_critic_encoder.load_state_dict(self.critic_encoder.state_dict())
+        self.target_critic_encoder.requires_grad_(False)
         self.target_critic.load_state_dict(self.critic.state_dict())
-        self.target_critic.requires_grad_(False)  # EMA only, its encoder too (officially in Adam too, no gradient)
+        self.target_critic.requires_grad_(False)  # the EMA moves it (officially in Adam, no grad)
         self.log_alpha = nn.Parameter(torch.ones(1))  # official init 1.0, i.e. alpha = e
 
 
-# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream, evaluation per episode.
-# The flow and the refinement network take features: each encodes the frames once.
-def flow_actions(flow, features, noise, flow_steps):
-    """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K (clipped only at the end)."""
+# The policy. Its N(0, I) noise is an input: the update draws it from torch's global stream,
+# evaluation from each episode's own.
+def flow_actions(flow, obs, noise, flow_steps):
+    """a_base = clip(x_K, -1, 1): x_0 = noise, x_{i+1} = x_i + v(s, x_i, i/K) / K."""
     x = noise
     for i in range(flow_steps):
         t = torch.full((*x.shape[:-1], 1), i / flow_steps, device=x.device)
-        x = x + flow(features, x, t) / flow_steps
-    return x.clamp(-1, 1)
+        x = x + flow(obs, x, t) / flow_steps
+    return x.clamp(-1, 1)  # clipped only at the end
 
 
-def refine_actions(agent, features, base_actions):
-    return (base_actions + agent.refine(features, base_actions)).clamp(-1, 1)
+def refine_actions(agent, obs, base_actions):
+    return (base_actions + agent.refine(obs, base_actions)).clamp(-1, 1)
 
 
 def sample_actions(agent, obs, noise, flow_steps):
-    """pi(s) = clip(a_base + f(s, a_base), -1, 1), for uint8 frames obs (B, H, W, C)."""
-    base_actions = flow_actions(agent.flow, agent.flow.encoder(obs), noise, flow_steps)
-    return refine_actions(agent, agent.refine.encoder(obs), base_actions)
+    """pi(s) = clip(a_base + f(s, a_base), -1, 1) of frames obs (B, H, W, C), each encoded once."""
+    base_actions = flow_actions(agent.flow, agent.flow_encoder(obs), noise, flow_steps)
+    return refine_actions(agent, agent.refine_encoder(obs), base_actions)
 
 
-def flow_matching_loss(flow, features, actions, x_0, t):
-    """Rectified path from noise x_0 to the action: x_t = (1 - t) x_0 + t a, target velocity a - x_0."""
+def flow_matching_loss(flow, obs, actions, x_0, t):
+    """Rectified path from noise x_0 to the action: x_t = (1 - t) x_0 + t a, velocity a - x_0."""
     x_t = (1 - t) * x_0 + t * actions
-    return (flow(features, x_t, t) - (actions - x_0)).square().mean()
+    return (flow(obs, x_t, t) - (actions - x_0)).square().mean()
 
 
 def autocast(args, device, rollout):
@@ -308,48 +321,47 @@ def autocast(args, device, rollout):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def update_noise(batch_size, action_dim, device, generator=None, mse_rng=None):
-    """The update's draws from `generator` (None: torch's global stream), made outside the losses: eager and compiled
-    code see the same numbers. With mse_rng, also the noise of the logged mse's rollout, drawn from that stream."""
-    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)  # official: a key per use
-    draws = {"next_actions": noise[0], "x_0": noise[1], "base_actions": noise[2],
-             "t": torch.rand((batch_size, 1), device=device, generator=generator)}
+def update_draws(batch_size, action_dim, device, generator=None, mse_rng=None):
+    """The update's random numbers, drawn outside the losses (eager and compiled code see the same)
+    from `generator` (None: torch's global stream); with mse_rng, the logged mse's noise too."""
+    noise = torch.randn((3, batch_size, action_dim), device=device, generator=generator)
+    draws = {"next_base_noise": noise[0], "x_0": noise[1], "base_noise": noise[2],  # officially a
+             "t": torch.rand((batch_size, 1), device=device, generator=generator)}  # key per use
     if mse_rng is not None:
-        draws["mse"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
+        draws["mse_noise"] = torch.randn((batch_size, action_dim), device=device, generator=mse_rng)
     return draws
 
 
 # The update. Who learns from what (one backward of the sum, one Adam step):
-#   critic    <- critic_loss                       (TD to r + gamma * mask * Q_target(s', pi(s')))
-#   flow      <- bc_flow_loss                      (flow matching on the dataset's actions)
-#   refine    <- sg(alpha) * distill + q_loss      (stay near a_base, climb Q through the action only)
-#   log_alpha <- alpha_loss                        (alpha rises while distill > delta, falls while below)
+#   critic    <- critic_loss                   (TD to r + gamma * mask * Q_target(s', pi(s')))
+#   flow      <- bc_flow_loss                  (flow matching on the dataset's actions)
+#   refine    <- sg(alpha) * distill + q_loss  (stay near a_base, climb Q through the action only)
+#   log_alpha <- alpha_loss                    (alpha rises while distill > delta, else falls)
 #   target    <- nothing; the EMA of the critic's pre-step weights
-# Each network's encoder learns with it. Features are computed once per observation and network.
-def deflow_losses(agent, batch, noise, args):
-    """(total loss, metrics under the official names) of a batch and its draws; what --compile compiles."""
+def deflow_losses(agent, batch, draws, args):
+    """(total loss, metrics under the official names) of a batch and its draws: --compile's part."""
     obs, next_obs, actions = batch["observations"], batch["next_observations"], batch["actions"]
-    flow_features = agent.flow.encoder(obs)  # trains the flow's encoder through the flow-matching loss
+    flow_features = agent.flow_encoder(obs)  # the flow's encoder learns from the flow-matching loss
 
-    # The two no-gradient flow rollouts, a_base(s') for the TD target and a_base(s), as one rollout over 2B rows.
+    # The no-gradient flow rollouts a_base(s') for the TD target and a_base(s), as one of 2B rows.
     with torch.no_grad(), autocast(args, obs.device, rollout=True):
+        noise = torch.cat([draws["next_base_noise"], draws["base_noise"]])
+        features = torch.cat([agent.flow_encoder(next_obs), flow_features.detach()])
         next_base_actions, base_actions = flow_actions(
-            agent.flow, torch.cat([agent.flow.encoder(next_obs), flow_features.detach()]),
-            torch.cat([noise["next_actions"], noise["base_actions"]]), args.flow_steps).chunk(2)
+            agent.flow, features, noise, args.flow_steps).chunk(2)
 
     with torch.no_grad():
-        next_actions = refine_actions(agent, agent.refine.encoder(next_obs), next_base_actions)
-        next_qs = agent.target_critic(agent.target_critic.encoder(next_obs), next_actions)
+        next_actions = refine_actions(agent, agent.refine_encoder(next_obs), next_base_actions)
+        next_qs = agent.target_critic(agent.target_critic_encoder(next_obs), next_actions)
         next_q = next_qs.min(dim=0).values if args.q_agg == "min" else next_qs.mean(dim=0)
         target_q = batch["rewards"] + args.discount * batch["masks"] * next_q
-    critic_features = agent.critic.encoder(obs)
+    critic_features = agent.critic_encoder(obs)
     qs = agent.critic(critic_features, actions)
     critic_loss = (qs - target_q).square().mean()
 
-    bc_flow_loss = flow_matching_loss(agent.flow, flow_features, actions, noise["x_0"], noise["t"])
+    bc_flow_loss = flow_matching_loss(agent.flow, flow_features, actions, draws["x_0"], draws["t"])
 
-    refine_features = agent.refine.encoder(obs)
-    refinement = agent.refine(refine_features, base_actions)  # a_base has no gradient: none reaches the flow
+    refinement = agent.refine(agent.refine_encoder(obs), base_actions)  # a_base has no gradient
     distill_loss = refinement.square().mean()  # mean over batch and action dimensions
     if args.use_lagrange:
         alpha = agent.log_alpha.exp()
@@ -359,10 +371,11 @@ def deflow_losses(agent, batch, noise, args):
         alpha_loss = torch.zeros((), device=obs.device)
     penalty = alpha.detach().squeeze() * distill_loss
 
-    # Q through the refined action only: the critic's weights and its features of s enter as constants.
+    # Q through the refined action only: the critic's weights and features enter as constants.
     policy_actions = (base_actions + refinement).clamp(-1, 1)
     frozen_critic = {name: p.detach() for name, p in agent.critic.named_parameters()}
-    q = torch.func.functional_call(agent.critic, frozen_critic, (critic_features.detach(), policy_actions)).mean(dim=0)
+    inputs = (critic_features.detach(), policy_actions)
+    q = torch.func.functional_call(agent.critic, frozen_critic, inputs).mean(dim=0)
     q_loss = -q.mean()
     if args.normalize_q_loss:
         q_loss = q_loss / q.abs().mean().detach()
@@ -370,150 +383,176 @@ def deflow_losses(agent, batch, noise, args):
     actor_loss = bc_flow_loss + penalty + q_loss + alpha_loss
     metrics = {
         "critic/critic_loss": critic_loss, "critic/q_mean": qs.mean(), "critic/q_max": qs.max(),
-        "critic/q_min": qs.min(), "actor/actor_loss": actor_loss, "actor/bc_flow_loss": bc_flow_loss,
-        "actor/distill_loss": distill_loss, "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
+        "critic/q_min": qs.min(), "actor/actor_loss": actor_loss,
+        "actor/bc_flow_loss": bc_flow_loss, "actor/distill_loss": distill_loss,
+        "actor/q_loss": q_loss, "actor/q": q.mean(), "actor/alpha_loss": alpha_loss,
         "actor/alpha_value": alpha.detach().squeeze(),
     }
-    if "mse" in noise:  # a third rollout, on logging steps only (officially every update)
+    if "mse_noise" in draws:  # a third rollout, on logging steps only (officially every update)
         with torch.no_grad(), autocast(args, obs.device, rollout=True):
-            mse_actions = refine_actions(agent, refine_features.detach(), flow_actions(
-                agent.flow, flow_features.detach(), noise["mse"], args.flow_steps))
+            mse_actions = sample_actions(agent, obs, draws["mse_noise"], args.flow_steps)
             metrics["actor/mse"] = (mse_actions - actions).square().mean()
     return critic_loss + actor_loss, metrics
 
 
 def update(agent, optimizer, batch, args, log_rng=None, losses=deflow_losses):
-    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam step; with log_rng
-    (logging steps), also the logged mse, its noise from log_rng."""
-    noise = update_noise(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
+    """Draws, losses (deflow_losses or its compiled twin), one backward, the target EMA, one Adam
+    step; with log_rng (a logging step), also the logged mse, its noise drawn from log_rng."""
+    draws = update_draws(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
     with autocast(args, batch["actions"].device, rollout=False):
-        loss, metrics = losses(agent, batch, noise, args)
+        loss, metrics = losses(agent, batch, draws, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, theta before this step
-        torch._foreach_lerp_(list(agent.target_critic.parameters()), list(agent.critic.parameters()), args.tau)
+    with torch.no_grad():  # theta_target <- tau * theta + (1 - tau) * theta_target, theta pre-step
+        target = [*agent.target_critic_encoder.parameters(), *agent.target_critic.parameters()]
+        online = [*agent.critic_encoder.parameters(), *agent.critic.parameters()]
+        torch._foreach_lerp_(list(target), list(online), args.tau)
     optimizer.step()
     return {k: v.detach() for k, v in metrics.items()}
 
 
-# Batches, assembled on the device from uint8 frames (each stored once): frame stacking by index, then the shift.
+# Batches, assembled on the device from uint8 frames (each stored once): stacked by index, shifted.
 def stack_frames(frames, starts, idx, frame_stack):
-    """[o_{t-k+1}, ..., o_t] on the channel axis per frame index t, each index clamped to the first frame of t's
-    episode (an episode's first observation repeats its first frame): (B, H, W, 3k) uint8, oldest first."""
+    """[o_{t-k+1}, ..., o_t] on the channel axis per frame index t, each index clamped to the first
+    frame of t's episode (whose first observation repeats its first frame): (B, H, W, 3k) uint8."""
     offsets = torch.arange(frame_stack - 1, -1, -1, device=idx.device)
-    rows = torch.maximum(idx[:, None] - offsets, starts[idx][:, None])  # (B, k)
+    rows = torch.maximum(idx[:, None] - offsets, starts[idx][:, None])  # (B, k), oldest first
     return frames[rows].permute(0, 2, 3, 1, 4).flatten(3)  # (B, k, H, W, 3) -> (B, H, W, k * 3)
 
 
 def random_shift(obs, next_obs, p_aug, pad=3, generator=None):
-    """With probability p_aug (one coin per batch): edge-pad by `pad` and crop back at an offset per sample in
-    {0..2 pad}^2, the same for obs and next_obs. Clamped indexing (the same pixels); tails: the centre, no shift."""
+    """With probability p_aug (one coin per batch): edge-pad by `pad` and crop back at an offset per
+    sample in {0..2 pad}^2, the same for obs and next_obs (by clamped indexing: the same pixels)."""
     batch, height, width = obs.shape[:3]
     apply = torch.rand((), device=obs.device, generator=generator) < p_aug
     offsets = torch.randint(0, 2 * pad + 1, (2, batch, 1), device=obs.device, generator=generator)
-    dy, dx = torch.where(apply, offsets, pad).unbind(0)
+    dy, dx = torch.where(apply, offsets, pad).unbind(0)  # tails: the centre, no shift
     rows = (torch.arange(height, device=obs.device) + dy - pad).clamp(0, height - 1)  # (B, H)
     cols = (torch.arange(width, device=obs.device) + dx - pad).clamp(0, width - 1)  # (B, W)
     b = torch.arange(batch, device=obs.device)[:, None, None]
-    return obs[b, rows[:, :, None], cols[:, None, :]], next_obs[b, rows[:, :, None], cols[:, None, :]]
+    rows, cols = rows[:, :, None], cols[:, None, :]
+    return obs[b, rows, cols], next_obs[b, rows, cols]
 
 
 def sample_batch(data, batch_size, frame_stack, p_aug, generator=None):
     valid = data["valid"]
-    idx = valid[torch.randint(len(valid), (batch_size,), device=valid.device, generator=generator)]
+    idx = valid[torch.randint(len(valid), (batch_size,), generator=generator, device=valid.device)]
     obs = stack_frames(data["frames"], data["starts"], idx, frame_stack)
-    next_obs = stack_frames(data["frames"], data["starts"], idx + 1, frame_stack)  # [o_{t-k+2}, ..., o_{t+1}]
+    next_obs = stack_frames(data["frames"], data["starts"], idx + 1, frame_stack)  # o_{t-k+2..t+1}
     obs, next_obs = random_shift(obs, next_obs, p_aug, generator=generator)
     return {"observations": obs, "next_observations": next_obs, "actions": data["actions"][idx],
             "rewards": data["rewards"][idx], "masks": data["masks"][idx]}
 
 
-# Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time, one batched
-# policy call per step. Episode j of the evaluation at update `step` takes its reset seed and its noise stream from
-# SeedSequence([seed, step, j]): no two episodes of any evaluation of any run share a start state or noise
-# (officially every episode resets unseeded). Each keeps its last frame_stack frames, the reset frame at first.
+# Evaluation: success at the last step, as OGBench reports it. Episodes run envs.num_envs at a time
+# (gymnasium.vector, autoreset off), one batched policy call per step. Episode j of the evaluation
+# at update `step` takes its reset seed and noise stream from SeedSequence([seed, step, j]): no two
+# episodes of any evaluation of any run share a start state or noise (officially: unseeded resets).
+# Observations: the last frame_stack frames (common.envs), on the channel axis.
 @torch.no_grad()
-def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions, noise_shape=()):
-    """(metrics, {episode: video frames}); policy(agent, obs, noise of shape (B, *noise_shape, A), flow_steps)."""
-    device, episodes = agent.log_alpha.device, iter(range(num_episodes))
-    running, finished, videos = {}, [], {}  # env index -> its episode's state; (success, return, length) of each
+def evaluate(agent, envs, num_episodes, args, seed, step, video_episodes=0, policy=sample_actions,
+             noise_shape=()):
+    """(metrics, {episode: video frames}); envs: common.envs.make_eval_envs's (its first
+    video_episodes are recorded); policy(agent, obs, noise (B, *noise_shape, A), flow_steps)."""
+    device, n, episodes = agent.log_alpha.device, envs.num_envs, iter(range(num_episodes))
+    running, finished, videos = {}, [], {}  # env -> its episode (in start order); their results
+    free, record = np.ones(n, dtype=bool), np.arange(n) < video_episodes  # free: to reset
     while True:
-        starts = {i: episode for i in range(envs.num_envs) if i not in running
-                  and (episode := next(episodes, None)) is not None}
-        record = [i for i, episode in starts.items() if episode < video_episodes]
-        seeds = {i: np.random.SeedSequence([seed, step, episode]).generate_state(2) for i, episode in starts.items()}
-        for i, obs in envs.reset({i: int(s[0]) for i, s in seeds.items()}, record).items():
-            running[i] = {"obs": deque([obs] * args.frame_stack, maxlen=args.frame_stack),
-                          "noise": torch.Generator().manual_seed(int(seeds[i][1])), "episode": starts[i],
-                          "return": 0.0, "length": 0}
+        seeds = [None] * n
+        for i in np.flatnonzero(free):
+            if (j := next(episodes, None)) is not None:
+                reset_seed, noise_seed = np.random.SeedSequence([seed, step, j]).generate_state(2)
+                noise = torch.Generator().manual_seed(int(noise_seed))
+                seeds[i] = int(reset_seed)
+                running[i] = {"episode": j, "noise": noise, "return": 0.0, "length": 0}
         if not running:
             break
-        obs = torch.as_tensor(np.stack([np.concatenate(e["obs"], axis=-1) for e in running.values()]), device=device)
-        noise = torch.stack([torch.randn((*noise_shape, agent.flow.action_dim), generator=e["noise"])
-                             for e in running.values()]).to(device)
+        if free.any():  # a new episode on each free environment; where none is left, park it
+            park = free & np.array([s is None for s in seeds])
+            options = {"reset_mask": free, "park": park, "record": record}
+            obs, _ = envs.reset(seed=seeds, options=options)
+            free[:], record[:] = False, False
+        idx = list(running)
+        shape = (*noise_shape, agent.flow.action_dim)
+        noise = torch.stack([torch.randn(shape, generator=running[i]["noise"]) for i in idx])
+        actions = np.zeros(envs.action_space.shape, dtype=np.float32)
         with autocast(args, device, rollout=True):
-            actions = policy(agent, obs, noise, args.flow_steps).float().cpu().numpy()
-        for i, (next_obs, reward, terminated, truncated, success) in envs.step(dict(zip(running, actions))).items():
+            x = torch.as_tensor(obs[idx], device=device).permute(0, 2, 3, 1, 4).flatten(3)
+            actions[idx] = policy(agent, x, noise.to(device), args.flow_steps).float().cpu().numpy()
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        for i in idx:
             e = running[i]
-            e["return"], e["length"] = e["return"] + reward, e["length"] + 1
-            e["obs"].append(next_obs)
-            if terminated or truncated:
+            e["return"], e["length"] = e["return"] + rewards[i], e["length"] + 1
+            if terminated[i] or truncated[i]:
+                success = info["success"][i] if "success" in info else np.nan
                 finished.append((success, e["return"], e["length"]))
-                if (frames := envs.video(i)) is not None:
-                    videos[e["episode"]] = frames
+                if "frames" in info and info["_frames"][i]:
+                    videos[e["episode"]] = np.stack(info["frames"][i])
+                free[i] = True
                 del running[i]
     success, episode_return, length = np.mean(finished, axis=0)
-    metrics = {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}
+    metrics = {"success": float(success), "episode.return": float(episode_return),
+               "episode.length": float(length)}
     return metrics, videos
 
 
 if __name__ == "__main__":
-    args, checkpoint = parse_args(Args, "DeFlow, offline, from pixels on visual OGBench.")
+    args, checkpoint = parse_args(Args, __doc__)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders (videos, pixels) without a display
+    resumed = checkpoint is not None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto_device if args.device == "auto" else args.device)
     if args.frame_stack < 1 or not 0 <= args.p_aug <= 1:
-        sys.exit(f"error: --frame-stack must be >= 1 and --p-aug in [0, 1] (got {args.frame_stack}, {args.p_aug})")
+        sys.exit(f"error: --frame-stack must be >= 1, --p-aug in [0, 1] (got {args.frame_stack}, "
+                 f"{args.p_aug})")
 
-    # The data live on the training device as uint8 frames, each once; the loader checks the memory first.
-    try:
-        _, train_data, val_data, memory = load_visual_datasets(
-            args.env_name, device, args.dataset_dir, args.dataset_path, args.generate_episodes, args.num_workers,
-            args.dataset_fraction)
+    try:  # uint8 frames, each once, on the training device (the loader checks the memory first)
+        env, train_data, val_data, memory = load_visual_datasets(
+            args.env_name, device, args.dataset_dir, args.dataset_path, args.generate_episodes,
+            args.num_workers, args.dataset_fraction)
     except DatasetError as e:
         sys.exit(f"error: {e}")
-    print(f"dataset: {memory}")
-    eval_envs = EnvPool(args.env_name, max(1, min(args.eval_envs, args.eval_episodes)) if args.eval_interval else 0,
-                        args.eval_workers, args.eval_max_episode_steps)
-    print(eval_envs.describe())
+    if args.eval_interval:  # environments of their own
+        num_envs = max(1, min(args.eval_envs, args.eval_episodes))
+        eval_envs, where = make_eval_envs(args.env_name, num_envs, args.eval_workers,
+                                          args.eval_max_episode_steps, args.frame_stack,
+                                          record=args.capture_video)
+        print(where)
     height, width, channels = train_data["frames"].shape[1:]
-    image_shape, action_dim = (height, width, channels * args.frame_stack), train_data["actions"].shape[-1]
+    image_shape = (height, width, channels * args.frame_stack)
+    obs_dim, action_dim = image_shape, env.action_space.shape[-1]
 
-    agent = DeFlowAgent(image_shape, action_dim, args).to(device)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, fused=True)
-    # Updates draw from torch's global stream; validation and the logged mse from log_rng: logging never steers training.
-    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]  # (evaluations: [seed, update >= 1, j])
+    agent = DeFlowAgent(obs_dim, action_dim, args).to(device)
+    trained = [p for p in agent.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=args.lr, fused=True)
+    # Updates draw from torch's global stream; validation and the logged mse from log_rng (seeded
+    # by SeedSequence([seed, 0, 0]); evaluation: [seed, update, j]): logging never steers training.
+    log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]
     log_rng = torch.Generator(device).manual_seed(int(log_seed))
-    start_step = 1 if checkpoint is None else restore(checkpoint, args.resume, agent, optimizer, device, log_rng)
-    run = RunLog(args, args.env_name, None if checkpoint is None else checkpoint["step"])
-    print(f"{'resuming' if checkpoint else 'new run'} {run.dir} at step {start_step}: {len(train_data['valid'])} "
-          f"transitions, images {'x'.join(map(str, image_shape))}, actions {action_dim}, "
-          f"delta {args.target_divergence:.3g}, {device}")
+    start_step = restore(checkpoint, args.resume, agent, optimizer, log_rng) if checkpoint else 1
+    run = RunLog(args, checkpoint["step"] if resumed else None)
+    print(f"{'resuming' if resumed else 'new run'} {run.dir} at step {start_step}: {memory}, "
+          f"{len(train_data['valid'])} transitions, images {'x'.join(map(str, image_shape))}, "
+          f"delta {args.target_divergence:.3g}")
 
-    losses_fn = deflow_losses  # --compile: the same losses as fused kernels (and CUDA graphs on CUDA)
+    losses_fn = deflow_losses  # --compile: the same losses as fused kernels (+ CUDA graphs on CUDA)
     if args.compile:
         check_compiler(device)
-        losses_fn = torch.compile(deflow_losses, mode="reduce-overhead" if device.type == "cuda" else None)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        losses_fn = torch.compile(deflow_losses, mode=mode)
 
     watch, start_time = NonFiniteWatch(skip=("actor/mse",)), time.time()
     last_log_time, last_log_step = start_time, start_step - 1
-    for step in tqdm(range(start_step, args.offline_steps + 1), initial=start_step - 1, total=args.offline_steps,
-                     smoothing=0.1, dynamic_ncols=True):
-        is_log_step = step == args.offline_steps or args.log_interval > 0 and step % args.log_interval == 0
-        is_save_step = step == args.offline_steps or args.save_interval > 0 and step % args.save_interval == 0
+    for step in tqdm(range(start_step, args.offline_steps + 1), initial=start_step - 1,
+                     total=args.offline_steps, smoothing=0.1, dynamic_ncols=True):
+        is_end = step == args.offline_steps
+        is_log_step = is_end or args.log_interval > 0 and step % args.log_interval == 0
+        is_save_step = is_end or args.save_interval > 0 and step % args.save_interval == 0
         if args.compile:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
         batch = sample_batch(train_data, args.batch_size, args.frame_stack, args.p_aug)
         metrics = update(agent, optimizer, batch, args, log_rng if is_log_step else None, losses_fn)
         watch.update(metrics, step)
@@ -521,28 +560,32 @@ if __name__ == "__main__":
             watch.check(run.dir)  # a host sync: only here
         if is_log_step:
             row = {f"training/{k}": v.item() for k, v in metrics.items()}
-            with torch.no_grad(), autocast(args, device, rollout=False):  # validation batches are shifted too
-                val_batch = sample_batch(val_data, args.batch_size, args.frame_stack, args.p_aug, log_rng)
-                val_noise = update_noise(args.batch_size, action_dim, device, log_rng, mse_rng=log_rng)
-                _, val_metrics = deflow_losses(agent, val_batch, val_noise, args)
-            row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
+            if val_data is not None:
+                with torch.no_grad(), autocast(args, device, rollout=False):
+                    val_batch = sample_batch(val_data, args.batch_size, args.frame_stack,
+                                             args.p_aug, log_rng)
+                    val_draws = update_draws(args.batch_size, action_dim, device, log_rng, log_rng)
+                    _, val_metrics = deflow_losses(agent, val_batch, val_draws, args)
+                row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
             now = time.time()
             row.update({"time/epoch_time": (now - last_log_time) / (step - last_log_step),
                         "time/total_time": now - start_time})
             last_log_time, last_log_step = now, step
             run.write("train.csv", row, step)
-            tqdm.write(f"step {step}: " + "  ".join(f"{k.split('/')[-1]} {row['training/' + k]:.4g}" for k in (
-                "critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/alpha_value", "actor/q",
-                "actor/mse")))
-        if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or step == args.offline_steps):
-            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed, step,
-                                            args.video_episodes if args.capture_video else 0)
+            shown = ("critic_loss", "bc_flow_loss", "distill_loss", "alpha_value", "q", "mse")
+            values = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("training/")}
+            tqdm.write(f"step {step}: " + "  ".join(f"{k} {values[k]:.4g}" for k in shown))
+        if args.eval_interval and (step == 1 or step % args.eval_interval == 0 or is_end):
+            video_episodes = args.video_episodes if args.capture_video else 0
+            eval_metrics, videos = evaluate(agent, eval_envs, args.eval_episodes, args, args.seed,
+                                            step, video_episodes)
             run.write("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             run.videos(videos, step)
-            tqdm.write(f"step {step}: evaluation/" + ", ".join(f"{k} {v:.3g}" for k, v in eval_metrics.items()))
+            tqdm.write(f"step {step}: evaluation/" + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                               eval_metrics.items()))
         if is_save_step:
             save_checkpoint(run.dir / "checkpoint.pt", {
                 "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(device, log_rng)})
+                "optimizer": optimizer.state_dict(), "rng": rng_state(log_rng)})
     print(f"done: {run.dir}")
     run.finish()

@@ -8,7 +8,7 @@ module puts D4RL's definitions back (each from the D4RL source named at its cons
 
 Transitions, from Minari's episodes (an episode stores T + 1 observations for T actions):
   - (obs[t], action[t], reward[t], obs[t + 1]) within each episode, episodes concatenated in order; terminals = 1 on
-    the last transition of every episode; actions clipped to [-1 + 1e-5, 1 - 1e-5] (common/datasets.py).
+    the last transition of every episode; actions clipped to [-1 + 1e-5, 1 - 1e-5].
   - Adroit: rewards as stored, masks = 1 - terminations (a time limit never stops bootstrapping).
   - AntMaze: Minari collected every episode with a goal of its own (continuing_task=True, reset_target=False), so its
     stored rewards follow goals the policy never sees and no episode terminates. D4RL relabelled its AntMaze data to
@@ -49,6 +49,8 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
+from common.datasets import ACTION_CLIP_EPS, DatasetError, check_finite
+
 ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 ADROIT = tuple(f"{task}/{kind}" for task in ("pen", "door", "hammer", "relocate")
                for kind in ("human", "cloned", "expert"))
@@ -88,13 +90,7 @@ REFERENCE_SCORES = {"antmaze": (0.0, 1.0), "pen": (96.262799, 3076.8331017826877
 PEN_DROP_HEIGHT = 0.075  # D4RL's pen_v0.py: the episode ends when the pen's z falls below this
 
 
-class MinariError(RuntimeError):
-    """A problem with a Minari dataset id or its files; the message says how to fix it."""
-
-
-def is_minari_id(env_name: str) -> bool:
-    """Minari ids have a namespace ('D4RL/pen/cloned-v2'); OGBench names never contain a slash."""
-    return "/" in env_name
+MinariError = DatasetError  # a problem with a Minari dataset id or its files; the message says how to fix it
 
 
 def is_antmaze(dataset_id: str) -> bool:
@@ -146,8 +142,8 @@ def _load(dataset_id: str):
     try:
         import minari
     except ImportError:
-        raise MinariError(f"{dataset_id} is a Minari dataset id; install Minari and gymnasium-robotics with "
-                          "pip install 'minari[hdf5]' gymnasium-robotics") from None
+        raise MinariError(f"{dataset_id} is a Minari dataset id: D4RL needs the extra requirements, "
+                          "pip install -r requirements-extra.txt") from None
     path = datasets_root() / dataset_id
     if not (path / "data").exists():
         suggestion = "" if dataset_id in TASKS else f" (the paper's D4RL datasets are {', '.join(TASKS)})"
@@ -256,7 +252,7 @@ def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None
                 env = AdroitD4RL(env, name)
     except (ValueError, gymnasium.error.Error) as e:
         raise MinariError(f"the environment of Minari dataset {dataset_id} cannot be made ({e}); is "
-                          "gymnasium-robotics installed (pip install gymnasium-robotics)?") from None
+                          "gymnasium-robotics installed (pip install -r requirements-extra.txt)?") from None
     keys = _flat_observation_keys(env.observation_space)
     if keys is not None:
         space = gymnasium.spaces.Box(-np.inf, np.inf, (sum(env.observation_space[k].shape[0] for k in keys),),
@@ -291,6 +287,18 @@ def transitions(episodes, offset: float, keys: tuple[str, ...] | None = None,
     if not parts["actions"]:
         raise MinariError("the dataset has no episodes")
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def load_env_and_datasets(dataset_id: str, dataset_path: str | None = None, generate_episodes: int = 0):
+    """(env, train, None): the evaluation environment and the transitions (module docstring), actions clipped to
+    [-1 + 1e-5, 1 - 1e-5] as for OGBench; D4RL has no validation split."""
+    if dataset_path is not None or generate_episodes:
+        raise DatasetError(f"{dataset_id} is a Minari dataset: --dataset-path and --generate-episodes are for OGBench; "
+                           "Minari datasets are looked for in $MINARI_DATASETS_PATH (~/.minari/datasets)")
+    env, train = load_env_and_dataset(dataset_id)
+    train["actions"] = np.clip(train["actions"], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
+    check_finite(train, f"Minari dataset {dataset_id}")
+    return env, train, None
 
 
 def load_env_and_dataset(dataset_id: str):
@@ -332,12 +340,7 @@ def reference_scores(dataset_id: str) -> tuple[float, float] | None:
 
 def normalized_return(env_name: str, episode_return: float) -> float | None:
     """The D4RL score x 100 of a raw (un-shifted) return; None for OGBench tasks and datasets without references."""
-    scores = reference_scores(env_name) if is_minari_id(env_name) else None
+    scores = reference_scores(env_name) if "/" in env_name else None
     if scores is None:
         return None
     return 100.0 * (episode_return - scores[0]) / (scores[1] - scores[0])
-
-
-def run_name_of(env_name: str) -> str:
-    """The environment's part of a run directory's name: Minari ids without their slashes."""
-    return env_name.replace("/", "-")

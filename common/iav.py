@@ -80,18 +80,21 @@ def estimate_iav(observations, actions, k: int = 5, num_queries: int = 10_000, n
             "k": k, "num_queries": num_queries, "num_transitions": n, "seconds": time.time() - start}
 
 
-def auto_target_divergence(env_name: str, observations, actions, scale: Optional[float], num_queries: int,
-                           seed: int, device) -> dict:
-    """--target-divergence auto: delta = scale * IAV (scale None: by family). Returns the estimate plus
-    'scale', 'target_divergence' and a one-line 'message' for the log."""
-    scale = default_iav_scale(env_name) if scale is None else scale
-    report = estimate_iav(observations, actions, num_queries=num_queries, seed=seed, device=device)
+def auto_target_divergence(args, data: dict, device) -> dict:
+    """--target-divergence auto for a script's `args` (env_name, iav_scale, iav_queries, seed) and its training
+    arrays: sets args.target_divergence = scale * IAV and args.iav_scale (None: by family), prints a line and returns
+    the estimate with 'scale', 'target_divergence' and that line as 'message'."""
+    scale = default_iav_scale(args.env_name) if args.iav_scale is None else args.iav_scale
+    report = estimate_iav(data["observations"], data["actions"], num_queries=args.iav_queries, seed=args.seed,
+                          device=device)
     report.update(scale=scale, target_divergence=scale * report["iav"])
     groups = report["group_estimates"]
     report["message"] = (
         f"--target-divergence auto: delta = {scale:g} x IAV {report['iav']:.3e} = {report['target_divergence']:.3e} "
         f"(IAV over {report['num_queries']:,} query states of {report['num_transitions']:,}, k = {report['k']}; "
         f"{len(groups)} subsamples {min(groups):.3e}..{max(groups):.3e}; {report['seconds']:.1f} s)")
+    args.target_divergence, args.iav_scale = report["target_divergence"], scale
+    print(report["message"])
     return report
 
 

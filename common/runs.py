@@ -1,8 +1,5 @@
-"""A run's command line and files, the same for the three scripts; none of it is DeFlow.
-
-Every file is written atomically (a temporary file, then a rename) or as whole appended CSV lines, so a crash or a
-kill never leaves a half-written checkpoint, args.json or video behind.
-"""
+"""A run's command line and files, the same in the three scripts; none of it is DeFlow. Files are written atomically
+(a temporary file, then a rename) or as whole CSV lines: a crash or a kill leaves nothing half-written."""
 
 from __future__ import annotations
 
@@ -14,19 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import tyro
 
 
-def parse_args(args_class, description: str):
-    """tyro's command line; with --resume, the checkpoint's settings are the defaults that flags still override.
-    Returns (args, checkpoint or None). Settings a checkpoint holds that `args_class` has no field for are dropped."""
+def parse_args(args_class, doc: str):
+    """(args, checkpoint or None) from tyro's command line (--help: the first line of `doc`). With --resume, the
+    checkpoint's settings are the defaults flags override, except the run's name when another script wrote it
+    (deflow_o2o.py going online from a deflow_offline.py run): this script's, or --exp-name."""
+    description = doc.strip().split("\n")[0]
     args = tyro.cli(args_class, description=description)
     if not args.resume:
         return args, None
     checkpoint = load_checkpoint(args.resume)
     default = dataclasses.replace(saved_args(args_class, checkpoint), resume=args.resume)
+    if checkpoint.get("script", Path(sys.argv[0]).name) != Path(sys.argv[0]).name:
+        default.exp_name = args.exp_name
     return tyro.cli(args_class, default=default, description=description), checkpoint
 
 
@@ -55,84 +55,47 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, value) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
+def save_checkpoint(path: Path, state: dict) -> None:  # and the script that wrote it (see parse_args)
+    atomic_write(path, lambda f: torch.save({**state, "script": Path(sys.argv[0]).name}, f))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+def rng_state(log_rng: torch.Generator) -> dict:  # torch's global streams (training) and log_rng (logging)
+    cuda = torch.cuda.get_rng_state(log_rng.device) if log_rng.device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "log": log_rng.get_state()}
 
 
-def rng_state(device: torch.device, log_rng: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "log": log_rng.get_state()}
-
-
-def restore(checkpoint: dict, path: str, agent: torch.nn.Module, optimizer, device: torch.device,
-            log_rng: torch.Generator) -> int:
-    """Load a checkpoint's agent, optimizer and random streams (training and logging); return the step to continue
-    from."""
+def restore(checkpoint: dict, path: str, agent: torch.nn.Module, optimizer, log_rng: torch.Generator) -> int:
+    """Load a checkpoint's agent, optimizer and random streams (rng_state); return the step to continue from."""
     try:
         agent.load_state_dict(checkpoint["agent"])
     except RuntimeError as e:
         sys.exit(f"error: checkpoint {path} does not fit this environment/network: {' '.join(str(e).split())[:400]}")
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
-    if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-    if checkpoint["rng"].get("log") is not None:  # (checkpoints of older versions have none)
+    if checkpoint["rng"].get("cuda") is not None and log_rng.device.type == "cuda":
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], log_rng.device)
+    if checkpoint["rng"].get("log") is not None:  # (older checkpoints have none)
         log_rng.set_state(checkpoint["rng"]["log"])
     return checkpoint["step"] + 1
 
 
-def write_video(path: Path, frames: np.ndarray, fps: int = 15) -> None:
-    """frames (T, H, W, 3) uint8 -> mp4 (H.264 through imageio's ffmpeg), written to a temporary name first."""
-    import imageio
-
-    tmp = path.with_name(f".tmp-{path.name}")  # keeps the .mp4 suffix, which tells ffmpeg the format
-    imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1)
-    os.replace(tmp, path)
-
-
-def append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    fields = list(row) if new else next(csv.reader(open(path)))
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def truncate_csv(path: Path, last_step: int) -> None:
-    """On resume, drop the rows logged after the checkpoint, so that the logs stay one consistent history."""
-    if not path.exists():
-        return
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-        fields = list(rows[0]) if rows else []
-    kept = [r for r in rows if int(r["step"]) <= last_step]
-    if not kept:
-        path.unlink()
-        return
-    lines = [",".join(fields)] + [",".join(r[k] for k in fields) for r in kept]
-    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+def run_name_of(env_name: str) -> str:  # the environment's part of a run folder's name
+    return env_name.replace("/", "-")  # (D4RL ids have slashes)
 
 
 class RunLog:
-    """The run directory: <run_root>/<env>__<exp_name>__<seed>__<time>/ for a new run, the checkpoint's folder on
-    resume (its CSVs cut back to the checkpoint's step). Holds args.json, train.csv, eval.csv, checkpoint.pt, videos/;
-    rows also go to Weights & Biases with --track."""
+    """The run folder (<run_dir>/<env>__<exp_name>__<seed>__<time>/, on resume the checkpoint's): args.json,
+    train.csv, eval.csv, checkpoint.pt, videos/; rows also go to Weights & Biases with --track."""
 
-    def __init__(self, args, env_label: str, resume_step: int | None = None):
-        if resume_step is not None:
-            self.dir = Path(args.resume).parent
-            for name in ("train.csv", "eval.csv"):
-                truncate_csv(self.dir / name, resume_step)
-        else:
-            self.dir = Path(args.run_dir) / f"{env_label}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "args.json", dataclasses.asdict(args))
+    def __init__(self, args, resume_step: int | None = None):
+        name = f"{run_name_of(args.env_name)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.dir = Path(args.run_dir) / name if resume_step is None else Path(args.resume).parent
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for path in [self.dir / "train.csv", self.dir / "eval.csv"] if resume_step is not None else []:
+            if path.exists():  # one consistent history: the rows logged after the checkpoint go
+                lines = [line for line in open(path) if not line[0].isdigit() or int(line.split(",")[0]) <= resume_step]
+                atomic_write(path, lambda f: f.write("".join(lines).encode()))
+        self.json("args.json", dataclasses.asdict(args))
         self.wandb = None
         if args.track:
             import wandb
@@ -142,17 +105,24 @@ class RunLog:
                        config=dataclasses.asdict(args), dir=str(self.dir), resume="allow")
 
     def json(self, name: str, value) -> None:
-        write_json(self.dir / name, value)
+        atomic_write(self.dir / name, lambda f: f.write(json.dumps(value, indent=2).encode()))
 
     def write(self, csv_name: str, row: dict, step: int) -> None:
-        append_csv(self.dir / csv_name, {"step": step, **row})
+        path, row = self.dir / csv_name, {"step": step, **row}
+        fields = next(csv.reader(open(path))) if path.exists() else list(row)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
-    def videos(self, videos: dict[int, np.ndarray], step: int) -> None:
-        for episode, frames in videos.items():
-            (self.dir / "videos").mkdir(exist_ok=True)
-            write_video(self.dir / "videos" / f"step{step:08d}_episode{episode}.mp4", frames)
+    def videos(self, videos: dict, step: int) -> None:  # {episode: frames} -> videos/*.mp4
+        if videos:
+            from common.video import write_videos
+
+            write_videos(self.dir / "videos", videos, step)
 
     def finish(self) -> None:
         if self.wandb is not None:
@@ -160,35 +130,29 @@ class RunLog:
 
 
 def check_compiler(device: torch.device) -> None:
-    """--compile needs a C++ compiler (CPU) or Triton (CUDA): a one-line function compiled first turns a missing one
-    into one clear line instead of a traceback at the first update. Then it says what compiling will cost."""
+    """--compile needs a C++ compiler (CPU) or Triton (CUDA): one clear line, not a traceback, when it is missing."""
     try:
         torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
     except torch._dynamo.exc.BackendCompilerFailed as e:
         sys.exit(f"error: torch.compile does not work here ({str(e).strip().splitlines()[0]}); "
                  f"run with --no-compile (the eager code: the same results, slower)")
-    print("--compile: the first update and the first logging step compile first (a minute or so each; --no-compile "
-          "skips this)")
+    print("--compile: the first update and the first logging step compile first (a minute or so each)")
 
 
 class NonFiniteWatch:
-    """Records, on the device and without a host sync, the first step at which each loss term became NaN or inf;
-    `check` reads that at log and save steps and stops the run naming the step and the term (before anything from a
-    non-finite step is saved)."""
+    """The first step each loss term became NaN or inf, kept on the device (no host sync); check(), at log and save
+    steps, stops the run naming them before anything of such a step is saved."""
 
     def __init__(self, skip: tuple[str, ...] = ()):
-        self.skip, self.names, self.first_bad = skip, None, None  # skip: terms that only some steps have
+        self.skip, self.names, self.first_bad = skip, None, 0  # skip: terms that only some steps have
 
     def update(self, metrics: dict[str, torch.Tensor], step: int) -> None:
-        if self.names is None:
-            self.names = [name for name in metrics if name not in self.skip]
-        values = torch.stack([metrics[name] for name in self.names])
-        if self.first_bad is None:
-            self.first_bad = torch.zeros_like(values, dtype=torch.long)
-        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(values), step, self.first_bad)
+        self.names = self.names or [name for name in metrics if name not in self.skip]
+        bad = ~torch.isfinite(torch.stack([metrics[name] for name in self.names]))
+        self.first_bad = torch.where((self.first_bad == 0) & bad, step, self.first_bad)
 
     def check(self, run_dir: Path) -> None:
-        if self.first_bad is None or not self.first_bad.any():
+        if not torch.is_tensor(self.first_bad) or not self.first_bad.any():
             return
         bad = sorted((int(s), name) for s, name in zip(self.first_bad.tolist(), self.names) if s > 0)
         step, name = bad[0]

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import deflow_offline
-from common.generate import generate_dataset
+from tools.generate import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MUJOCO_GL", "egl")  # the tests render (visual datasets, videos) without a display
 if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n N: N test processes share the cores, one thread each (with the
     os.environ["OMP_NUM_THREADS"] = "1"  # scripts they start), or their OpenMP threads would wait on each other
     torch.set_num_threads(1)
@@ -56,9 +57,9 @@ def draw_batch(script, data: dict, args):
 
 def losses_of(agent, batch, args, script=deflow_offline, with_mse=False):
     """script.deflow_losses on `batch` with fresh draws from the global torch stream (the mse's too)."""
-    noise = script.update_noise(*batch["actions"].shape, batch["actions"].device,
+    draws = script.update_draws(*batch["actions"].shape, batch["actions"].device,
                                 mse_rng=torch.default_generator if with_mse else None)
-    return script.deflow_losses(agent, batch, noise, args)
+    return script.deflow_losses(agent, batch, draws, args)
 
 
 def assert_compiled_update_equals_eager(script, make_agent, data: dict, tolerance: float, compiled=None,

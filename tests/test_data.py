@@ -7,7 +7,7 @@ import pytest
 
 import ogbench.utils
 from common.datasets import ACTION_CLIP_EPS, KEYS, DatasetError, load_env_and_datasets
-from common.generate import generate_dataset, generation_target
+from tools.generate import generate_dataset, generation_target
 
 
 def test_generated_file_has_the_official_format(cube_dataset):
@@ -62,7 +62,7 @@ def test_unknown_environment_lists_the_families():
 
 def test_missing_local_file_prints_the_generation_command(tmp_path):
     path = tmp_path / "missing.npz"
-    with pytest.raises(DatasetError, match=f"python -m common.generate --env-name cube-double-play-v0 .*--out {path}"):
+    with pytest.raises(DatasetError, match=f"python -m tools.generate --env-name cube-double-play-v0 .*--out {path}"):
         load_env_and_datasets("cube-double-play-singletask-v0", dataset_path=str(path))
 
 
@@ -73,7 +73,7 @@ def test_no_network_names_both_fixes(tmp_path, monkeypatch):
     monkeypatch.setattr(ogbench.utils.urllib.request, "urlopen", offline)
     with pytest.raises(DatasetError, match="could not be downloaded") as error:
         load_env_and_datasets("scene-play-singletask-v0", dataset_dir=str(tmp_path))
-    assert "python -m common.generate --env-name scene-play-v0" in str(error.value)
+    assert "python -m tools.generate --env-name scene-play-v0" in str(error.value)
     assert "--generate-episodes" in str(error.value)
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded is left behind
 

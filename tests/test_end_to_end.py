@@ -1,6 +1,9 @@
 """deflow_offline.py as a user runs it: a subprocess on a tiny generated dataset with tiny networks."""
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -86,7 +89,7 @@ def test_generate_flag_builds_a_missing_dataset(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--env-name", "cheetah-run-v0"], "Supported families"),
-    (["--env-name", ENV, "--dataset-path", "nowhere/x.npz"], "python -m common.generate --env-name cube-single-play-v0"),
+    (["--env-name", ENV, "--dataset-path", "nowhere/x.npz"], "python -m tools.generate --env-name cube-single-play-v0"),
     (["--resume", "nowhere/checkpoint.pt"], "does not exist"),
 ])
 def test_bad_input_gives_one_clear_line(flags, message):
@@ -121,3 +124,22 @@ def test_help_documents_every_flag(script):
         flag = "--" + field.name.replace("_", "-")
         assert f"{flag} " in text or f"{flag}," in text
     assert "target divergence" in text.lower() or "delta" in text
+
+
+def test_the_script_copied_with_the_helpers_the_readme_names_trains_alone(tmp_path, cube_dataset):
+    """A researcher's copy: deflow_offline.py and the helper files the README names for it, in an empty folder, train
+    a tiny OGBench run with evaluation, CSV logs and a checkpoint, importing nothing from this repository."""
+    line = next(line for line in (ROOT / "README.md").read_text().split("\n\n") if "in a project of your own" in line)
+    helpers = re.findall(r"`(common/[a-z_]+\.py)`", line.split("(plus")[0])
+    assert helpers == ["common/__init__.py", "common/runs.py", "common/datasets.py", "common/envs.py"]
+    for name in ["deflow_offline.py", *helpers]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    flags = ["--env-name", ENV, "--dataset-path", cube_dataset, "--offline-steps", 4, "--log-interval", 2,
+             "--eval-interval", 4, "--eval-episodes", 1, *TINY_FLAGS]
+    result = subprocess.run([sys.executable, "deflow_offline.py", *map(str, flags)], cwd=tmp_path, text=True,
+                            capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert [r["step"] for r in read_csv(run_dir / "eval.csv")] == ["1", "4"]
+    assert [r["step"] for r in read_csv(run_dir / "train.csv")] == ["2", "4"] and (run_dir / "checkpoint.pt").exists()

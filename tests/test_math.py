@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deflow_offline import (GELU, Critic, VectorField, deflow_losses, flow_actions, flow_matching_loss, mlp,
-                            sample_actions, update, update_noise)
+                            sample_actions, update, update_draws)
 from tests.conftest import losses_of, random_batch, tiny_agent
 
 
@@ -200,9 +200,9 @@ def test_td_target_uses_masks_and_q_agg():
         torch.manual_seed(1)
         agent_q, args_q = tiny_agent(q_agg=q_agg, discount=0.5)
         batch["masks"] = torch.ones(32)
-        noise = update_noise(32, 2, torch.device("cpu"))
+        noise = update_draws(32, 2, torch.device("cpu"))
         _, m = deflow_losses(agent_q, batch, noise, args_q)
-        next_actions = sample_actions(agent_q, batch["next_observations"], noise["next_actions"], args_q.flow_steps)
+        next_actions = sample_actions(agent_q, batch["next_observations"], noise["next_base_noise"], args_q.flow_steps)
         next_qs = agent_q.target_critic(batch["next_observations"], next_actions)
         next_q = next_qs.min(0).values if q_agg == "min" else next_qs.mean(0)
         target = batch["rewards"] + 0.5 * next_q
@@ -212,12 +212,12 @@ def test_td_target_uses_masks_and_q_agg():
 
 def test_one_rollout_over_2b_rows_gives_the_base_actions_of_their_own_rollout():
     """The TD target's half of the merged rollout is checked above; this is the other half: the refinement acts on the
-    flow's action from noise["base_actions"] at s."""
+    flow's action from noise["base_noise"] at s."""
     agent, args = tiny_agent()
-    batch, noise = random_batch(), update_noise(32, 2, torch.device("cpu"))
+    batch, noise = random_batch(), update_draws(32, 2, torch.device("cpu"))
     _, m = deflow_losses(agent, batch, noise, args)
     with torch.no_grad():
-        base_actions = flow_actions(agent.flow, batch["observations"], noise["base_actions"], args.flow_steps)
+        base_actions = flow_actions(agent.flow, batch["observations"], noise["base_noise"], args.flow_steps)
         distill_loss = agent.refine(batch["observations"], base_actions).square().mean()
     torch.testing.assert_close(m["actor/distill_loss"], distill_loss, rtol=1e-5, atol=1e-8)
 

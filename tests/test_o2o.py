@@ -7,7 +7,8 @@ import torch
 
 import deflow_o2o
 import deflow_offline
-from deflow_o2o import ReplayBuffer, draw_batch, resume_episode, transition
+from common.online import buffer_state, load_buffer_state, resume_episode
+from deflow_o2o import ReplayBuffer, draw_batch, transition
 from tests.conftest import TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent
 
 ENV = "cube-single-play-singletask-task1-v0"
@@ -29,13 +30,12 @@ def online_transition(value, obs_dim=3, action_dim=2, terminated=False, truncate
 def test_buffer_starts_as_the_dataset_and_appends_at_the_end():
     data = dataset(10)
     buffer = ReplayBuffer(data, capacity=16)
-    assert buffer.size == 10 and buffer.pointer == 10
+    assert buffer.num_added == 0
     for k, v in data.items():
         assert torch.equal(buffer.data[k][:10], v)
     for value in (100, 101, 102):
         buffer.add(online_transition(value))
-    assert buffer.size == 13 and buffer.pointer == 13
-    assert buffer.data["observations"][10:13, 0].tolist() == [100, 101, 102]
+    assert buffer.num_added == 3 and buffer.data["observations"][10:13, 0].tolist() == [100, 101, 102]
     assert buffer.data["rewards"][10:13].tolist() == [1, 1, 1]
     assert buffer.data["observations"][:10, 0].tolist() == list(range(10))  # the dataset is untouched
     assert buffer.sample(1000)["observations"][:, 0].max() <= 102  # sampling never reaches the empty rows
@@ -43,9 +43,12 @@ def test_buffer_starts_as_the_dataset_and_appends_at_the_end():
 
 def test_buffer_smaller_than_the_dataset_keeps_room_for_one_online_transition():
     buffer = ReplayBuffer(dataset(10), capacity=4)  # --buffer-size below the dataset's size
-    assert buffer.capacity == 11 and len(buffer.data["observations"]) == 11 and buffer.size == 10
+    assert buffer.capacity == 11 and len(buffer.data["observations"]) == 11
     buffer.add(online_transition(100))
-    assert buffer.size == 11 and buffer.pointer == 0 and buffer.data["observations"][10, 0] == 100
+    assert buffer.data["observations"][10, 0] == 100 and set(buffer.sample(1000)["observations"][:, 0].tolist()) == {
+        *range(10), 100}
+    buffer.add(online_transition(101))  # full: the next row is row 0
+    assert buffer.data["observations"][0, 0] == 101
 
 
 def test_buffer_wraps_around_overwriting_the_oldest_rows():
@@ -53,23 +56,22 @@ def test_buffer_wraps_around_overwriting_the_oldest_rows():
     for value in range(100, 105):  # rows 10, 11, then 0, 1, 2
         buffer.add(online_transition(value))
     assert buffer.data["observations"][:, 0].tolist() == [102, 103, 104, 3, 4, 5, 6, 7, 8, 9, 100, 101]
-    assert buffer.size == 12 and buffer.pointer == 3
     seen = set(buffer.sample(5000)["observations"][:, 0].tolist())
     assert seen == {102, 103, 104, 3, 4, 5, 6, 7, 8, 9, 100, 101}  # every stored row is sampled, the last one too
 
 
-def test_buffer_online_state_restores_the_same_buffer():
+def test_buffer_state_restores_the_same_buffer():
     data = dataset(10)
     buffer = ReplayBuffer(data, capacity=12)
     for value in range(100, 115):  # more than one full turn
         buffer.add(online_transition(value))
     restored = ReplayBuffer(data, capacity=12)
-    restored.load_online_state(buffer.online_state())
-    assert (restored.size, restored.pointer, restored.num_added) == (buffer.size, buffer.pointer, buffer.num_added)
+    load_buffer_state(restored, buffer_state(buffer))
+    assert restored.num_added == buffer.num_added
     for k in data:
         assert torch.equal(restored.data[k], buffer.data[k])
     with pytest.raises(ValueError, match="capacity"):
-        ReplayBuffer(data, capacity=20).load_online_state(buffer.online_state())
+        load_buffer_state(ReplayBuffer(data, capacity=20), buffer_state(buffer))
 
 
 def test_balanced_batch_takes_half_from_each_part():
@@ -199,12 +201,11 @@ def test_logs_hold_both_phases_and_exploration(runs):
     train = read_csv(run_dir / "train.csv")
     assert [int(r["step"]) for r in train] == list(range(10, 251, 10))
     by_step = {int(r["step"]): r for r in train}
-    assert by_step[20]["time/env_time"] == "nan" and float(by_step[30]["time/env_time"]) > 0
     assert by_step[210]["exploration/episodes"] == "0" and by_step[210]["exploration/success"] == "nan"
     assert by_step[220]["exploration/episodes"] == "1"  # the first training episode ended at step 220
     assert float(by_step[220]["exploration/episode.length"]) == 200
     assert float(by_step[220]["exploration/success"]) == 0.0
-    assert "going online for 230 environment steps" in runs["A"].stdout
+    assert "offline phase done; 230 online steps" in runs["A"].stdout
 
 
 def test_online_transitions_in_the_checkpoint(runs):
@@ -250,9 +251,10 @@ def test_visual_environments_are_refused_clearly():
 
 
 def test_a_checkpoint_of_the_older_o2o_layout_is_refused_clearly(runs, tmp_path):
-    """deflow_o2o.py checkpoints from before the minimal rewrite stored the training episode under "online"."""
+    """deflow_o2o.py checkpoints from before the minimal rewrite stored the training episode under "online": without
+    one, a checkpoint is a deflow_offline.py run's to go online from, and one past the offline phase is refused."""
     checkpoint = torch.load(runs["A_dir"] / "checkpoint.pt", weights_only=True)
     checkpoint["online"] = checkpoint.pop("episode")
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     result = run_o2o("--resume", tmp_path / "checkpoint.pt", "--online-steps", 240, check=False)
-    assert result.returncode != 0 and "older deflow_o2o.py" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode != 0 and "past --offline-steps" in result.stderr and "Traceback" not in result.stderr

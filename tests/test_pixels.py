@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import common.datasets
+import common.visual
 import deflow_pixels as dp
-from common.datasets import DatasetError, load_visual_datasets
+from common.datasets import DatasetError
+from common.visual import load_visual_datasets
 from tests.conftest import assert_compiled_update_equals_eager, losses_of, run_script
 
 ENV = "visual-cube-single-play-singletask-task1-v0"
@@ -45,7 +47,7 @@ def test_encoder_has_the_official_size_and_shapes():
     features = encoder(frames)
     assert features.shape == (5, 512) and features.dtype == torch.float32
     assert (features >= -0.2).all()  # GELU-activated head (GELU's minimum is about -0.17)
-    assert encoder.head[0].in_features == 8 * 8 * 32
+    assert encoder.head[0][0].in_features == 8 * 8 * 32
 
 
 @pytest.mark.parametrize("size", [64, 32, 33, 7])
@@ -147,7 +149,7 @@ def test_gradient_routing_reaches_each_encoder_from_its_own_loss_only():
     _, metrics = losses_of(agent, pixel_batch(), args, script=dp)
     terms = {"critic": metrics["critic/critic_loss"], "bc": metrics["actor/bc_flow_loss"],
              "refine": metrics["actor/actor_loss"] - metrics["actor/bc_flow_loss"] - metrics["actor/alpha_loss"]}
-    owners = {"critic": agent.critic.encoder, "bc": agent.flow.encoder, "refine": agent.refine.encoder}
+    owners = {"critic": agent.critic_encoder, "bc": agent.flow_encoder, "refine": agent.refine_encoder}
     for term, loss in terms.items():
         for owner, encoder in owners.items():
             grads = torch.autograd.grad(loss, list(encoder.parameters()), retain_graph=True, allow_unused=True)
@@ -160,16 +162,16 @@ def test_one_rollout_of_both_feature_sets_equals_the_two_rollouts():
     """The update's merged rollout (s' features and s features, 2B rows) gives the TD target and the base actions of
     two separate rollouts."""
     agent, args = tiny_agent(discount=0.5)
-    batch, noise = pixel_batch(), dp.update_noise(8, 5, torch.device("cpu"))
+    batch, noise = pixel_batch(), dp.update_draws(8, 5, torch.device("cpu"))
     _, metrics = dp.deflow_losses(agent, batch, noise, args)
     with torch.no_grad():
         obs, next_obs = batch["observations"], batch["next_observations"]
-        next_actions = dp.sample_actions(agent, next_obs, noise["next_actions"], args.flow_steps)
-        next_q = agent.target_critic(agent.target_critic.encoder(next_obs), next_actions).mean(0)
-        qs = agent.critic(agent.critic.encoder(obs), batch["actions"])
+        next_actions = dp.sample_actions(agent, next_obs, noise["next_base_noise"], args.flow_steps)
+        next_q = agent.target_critic(agent.target_critic_encoder(next_obs), next_actions).mean(0)
+        qs = agent.critic(agent.critic_encoder(obs), batch["actions"])
         critic_loss = (qs - (batch["rewards"] + 0.5 * next_q)).square().mean()
-        base_actions = dp.flow_actions(agent.flow, agent.flow.encoder(obs), noise["base_actions"], args.flow_steps)
-        distill_loss = agent.refine(agent.refine.encoder(obs), base_actions).square().mean()
+        base_actions = dp.flow_actions(agent.flow, agent.flow_encoder(obs), noise["base_noise"], args.flow_steps)
+        distill_loss = agent.refine(agent.refine_encoder(obs), base_actions).square().mean()
     torch.testing.assert_close(metrics["critic/critic_loss"], critic_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(metrics["actor/distill_loss"], distill_loss, rtol=1e-5, atol=1e-7)
 
@@ -181,21 +183,25 @@ def test_update_moves_the_target_encoder_by_ema_only():
     dp.update(agent, optimizer, pixel_batch(), args)
     after = agent.state_dict()
     for name in before:
-        if name.startswith("target_critic.encoder."):  # theta_bar <- tau theta_old + (1 - tau) theta_bar
-            expected = torch.lerp(before[name], before[name.replace("target_critic.", "critic.", 1)], args.tau)
+        if name.startswith("target_critic_encoder."):  # theta_bar <- tau theta_old + (1 - tau) theta_bar
+            expected = torch.lerp(before[name], before[name.replace("target_critic_", "critic_", 1)], args.tau)
             torch.testing.assert_close(after[name], expected)
-    assert not torch.equal(before["critic.encoder.convs.0.weight"], after["critic.encoder.convs.0.weight"])
-    assert not torch.equal(before["flow.encoder.head.0.weight"], after["flow.encoder.head.0.weight"])
+    assert not torch.equal(before["critic_encoder.convs.0.weight"], after["critic_encoder.convs.0.weight"])
+    assert not torch.equal(before["flow_encoder.head.0.0.weight"], after["flow_encoder.head.0.0.weight"])
 
 
 def test_encoders_run_once_per_observation_and_network():
-    """Features are reused within an update: every Euler step, the base actions, the Q loss and the `mse` metric."""
+    """Features are reused within an update: every Euler step, the base actions and the Q loss. (The logged `mse`,
+    on logging steps only, is the policy's own call: it encodes s for the flow and the refinement once more.)"""
     agent, args = tiny_agent()
-    calls = dict.fromkeys(("flow", "refine", "critic", "target_critic"), 0)
-    for name in calls:
-        getattr(agent, name).encoder.register_forward_hook(lambda *_, name=name: calls.update({name: calls[name] + 1}))
-    losses_of(agent, pixel_batch(), args, script=dp, with_mse=True)
-    assert calls == {"flow": 2, "refine": 2, "critic": 1, "target_critic": 1}  # s and s'; s; s'
+    for with_mse, extra in ((False, 0), (True, 1)):
+        calls = dict.fromkeys(("flow", "refine", "critic", "target_critic"), 0)
+        hooks = [getattr(agent, f"{name}_encoder").register_forward_hook(
+            lambda *_, name=name: calls.update({name: calls[name] + 1})) for name in calls]
+        losses_of(agent, pixel_batch(), args, script=dp, with_mse=with_mse)
+        assert calls == {"flow": 2 + extra, "refine": 2 + extra, "critic": 1, "target_critic": 1}  # s and s'; s
+        for hook in hooks:
+            hook.remove()
 
 
 def test_policy_is_batched_and_in_bounds():
@@ -238,8 +244,8 @@ def test_visual_dataset_on_the_device(visual_dataset):
 
 def test_memory_check_names_a_fraction_that_fits(visual_dataset, monkeypatch):
     frame_bytes = 64 * 64 * 3
-    free = common.datasets.WORKING_MEMORY + 20 * frame_bytes  # room for 20 of the 36 frames
-    monkeypatch.setattr(common.datasets, "available_memory", lambda device: free)
+    free = common.visual.WORKING_MEMORY + 20 * frame_bytes  # room for 20 of the 36 frames
+    monkeypatch.setattr(common.visual, "available_memory", lambda device: free)
     with pytest.raises(DatasetError, match=r"does not fit.*--dataset-fraction 0\.55") as error:
         load_visual_datasets(ENV, torch.device("cpu"), dataset_path=str(visual_dataset))
     assert "36 frames" in str(error.value)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from common.datasets import DatasetError, load_env_and_datasets
-from common.envs import EnvPool
-from common.generate import generate_dataset
+from common.envs import make_eval_envs
 from deflow_offline import evaluate
+from tools.generate import generate_dataset
 from tests.conftest import ROOT, TINY_FLAGS, read_csv, run_script, tiny_agent
 
 ENV = "cube-single-play-singletask-task1-v0"
@@ -27,8 +27,8 @@ def evaluation(seed, step, episodes=4):
         seen.append((obs.clone(), noise.clone()))
         return noise.clamp(-1, 1)
 
-    metrics, _ = evaluate(agent, EnvPool(ENV, episodes, max_episode_steps=2), episodes, args, seed, step,
-                          policy=policy)
+    envs, _ = make_eval_envs(ENV, episodes, max_episode_steps=2)
+    metrics, _ = evaluate(agent, envs, episodes, args, seed, step, policy=policy)
     return metrics, *seen[0]
 
 

@@ -1,12 +1,14 @@
 """The fast paths change no math: --compile's training step, and evaluation with environments side by side."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import deflow_offline
-from common.envs import EnvPool
-from common.runs import write_video
+from common.envs import make_eval_envs
+from common.runs import RunLog
 from deflow_offline import evaluate, sample_batch, update
 from tests.conftest import TINY_FLAGS, assert_compiled_update_equals_eager, random_batch, run_script, tiny_agent
 
@@ -49,13 +51,13 @@ def test_compiled_training_draws_fresh_independent_noise(compiled_losses, monkey
     agent, args = compile_agent()
     data = random_data()
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, fused=True)
-    draws, real_update_noise = [], deflow_offline.update_noise
-    monkeypatch.setattr(deflow_offline, "update_noise", lambda *a, **k: draws.append(real_update_noise(*a, **k)) or
+    draws, real_update_draws = [], deflow_offline.update_draws
+    monkeypatch.setattr(deflow_offline, "update_draws", lambda *a, **k: draws.append(real_update_draws(*a, **k)) or
                         draws[-1])
     for _ in range(16):
         update(agent, optimizer, sample_batch(data, args.batch_size), args, losses=compiled_losses)
     assert len(draws) == 16
-    uses = {name: torch.stack([d[name] for d in draws]) for name in ("next_actions", "x_0", "base_actions")}
+    uses = {name: torch.stack([d[name] for d in draws]) for name in ("next_base_noise", "x_0", "base_noise")}
     for name, x in uses.items():  # (16 steps, 32, 5)
         assert abs(x.mean()) < 0.08 and abs(x.var() - 1) < 0.12, name
         assert abs(torch.corrcoef(x.flatten(1)).fill_diagonal_(0)).max() < 0.4, f"{name} repeats across steps"
@@ -77,7 +79,7 @@ def test_compiled_training_draws_fresh_independent_noise(compiled_losses, monkey
 def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
     """Episode j gets its own reset seed and noise stream wherever it runs. With the noise as the action (a
     batch-independent policy), every (noise, observation) pair must be the same with 1 environment, with 3, and with
-    3 stepped in 2 worker processes."""
+    3 in worker processes (gymnasium's AsyncVectorEnv)."""
     agent, args = tiny_agent(obs_dim=28, action_dim=5, script=deflow_offline)
     seen = {}
 
@@ -87,16 +89,18 @@ def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
             return noise.clamp(-1, 1)
         return policy
 
-    alone = evaluate(agent, EnvPool(ENV, 1), 4, args, seed=3, step=1, policy=noise_as_action("alone"))
-    side_by_side = evaluate(agent, EnvPool(ENV, 3), 4, args, seed=3, step=1, policy=noise_as_action("side by side"))
-    workers = EnvPool(ENV, 3, workers=2)
+    alone = evaluate(agent, make_eval_envs(ENV, 1)[0], 4, args, seed=3, step=1, policy=noise_as_action("alone"))
+    side_by_side = evaluate(agent, make_eval_envs(ENV, 3)[0], 4, args, seed=3, step=1,
+                            policy=noise_as_action("side by side"))
+    workers, where = make_eval_envs(ENV, 3, workers=True)
     in_workers = evaluate(agent, workers, 4, args, seed=3, step=1, policy=noise_as_action("workers"))
     workers.close()
-    assert workers.memory_gb > 0.3  # two worker processes with their imports and environments
-    assert workers.describe().startswith("3 evaluation environments side by side in 2 worker processes (")
+    assert where.startswith("3 evaluation environments side by side in 3 worker processes (")
+    assert float(where.split("(")[1].split(" GB")[0]) > 0.3  # the worker processes with their imports and envs
     assert alone == side_by_side == in_workers
     assert len(seen["alone"]) == 4 * 200 and set(seen["alone"]) == set(seen["side by side"]) == set(seen["workers"])
-    other_seed = evaluate(agent, EnvPool(ENV, 1), 1, args, seed=100, step=1, policy=noise_as_action("other"))[0]
+    other_seed = evaluate(agent, make_eval_envs(ENV, 1)[0], 1, args, seed=100, step=1,
+                          policy=noise_as_action("other"))[0]
     assert other_seed["episode.length"] == 200 and not set(seen["other"]) & set(seen["alone"])
 
 
@@ -130,15 +134,16 @@ def test_videos_record_the_first_episodes_in_this_process_and_in_workers(tmp_pat
 
     agent, args = tiny_agent(obs_dim=28, action_dim=5, script=deflow_offline)
     results = []
-    for workers in (0, 1):
-        pool = EnvPool(ENV, 2, workers=workers, max_episode_steps=3)
-        results.append(evaluate(agent, pool, 3, args, seed=0, step=1, video_episodes=2))
-        pool.close()
+    for workers in (False, True):
+        envs, _ = make_eval_envs(ENV, 2, workers=workers, max_episode_steps=3, record=True)
+        results.append(evaluate(agent, envs, 3, args, seed=0, step=1, video_episodes=2))
+        envs.close()
     (metrics, videos), (metrics_workers, videos_workers) = results
     assert metrics == metrics_workers and metrics["episode.length"] == 3
     assert sorted(videos) == [0, 1] and videos[0].shape == (4, 200, 200, 3)  # the reset frame + 3 steps
     assert all(np.array_equal(videos[j], videos_workers[j]) for j in videos)
     assert not np.array_equal(videos[0][0], videos[0][-1])  # the arm moved
-    write_video(tmp_path / "episode.mp4", videos[0])
-    assert [p.name for p in tmp_path.iterdir()] == ["episode.mp4"]  # no temporary file left behind
-    assert len(imageio.mimread(tmp_path / "episode.mp4")) == 4
+    run = RunLog(dataclasses.replace(args, run_dir=str(tmp_path)))
+    run.videos({0: videos[0]}, step=7)
+    assert [p.name for p in (run.dir / "videos").iterdir()] == ["step00000007_episode0.mp4"]  # no temporary file
+    assert len(imageio.mimread(run.dir / "videos" / "step00000007_episode0.mp4")) == 4

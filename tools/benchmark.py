@@ -20,7 +20,7 @@ It measures, in one run, and writes the tables to --out (docs/speed.md shows the
     the eager update) times updates/s.
   - Evaluation: seconds and resident memory of --eval-episodes episodes on a real environment with an untrained 4x512
     agent (so every episode runs to its time limit): the default number of environments side by side (with the
-    scripts' eager policy, and compiled) and 50 side by side (the old default; with --baseline, that checkout's too).
+    scripts' eager policy, and compiled) and 50 side by side (the old default); this checkout only.
   - The peak resident memory of the benchmark process.
 """
 
@@ -40,7 +40,7 @@ import tyro
 from torch.utils.flop_counter import FlopCounterMode
 
 import deflow_offline
-from common.envs import EnvPool
+from common.envs import make_eval_envs, resident_gb
 
 OBS_DIM, ACTION_DIM = 28, 5  # cube-single
 
@@ -75,11 +75,19 @@ def sync(device: torch.device) -> None:
 
 
 def load_baseline(path: str):
-    """deflow_offline.py of another checkout, as its own module."""
+    """deflow_offline.py of another checkout, as its own module, with that checkout's own common/ package."""
     spec = importlib.util.spec_from_file_location("baseline_deflow_offline", Path(path) / "deflow_offline.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
+    ours = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] == "common"}
+    sys.path.insert(0, str(Path(path).resolve()))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+        for name in [name for name in sys.modules if name.split(".")[0] == "common"]:
+            del sys.modules[name]
+        sys.modules.update(ours)
     return module
 
 
@@ -92,7 +100,7 @@ def make_step(script, width: int, device: torch.device, compiled: bool, precisio
     agent = script.DeFlowAgent(OBS_DIM, ACTION_DIM, args).to(device)
     params = [p for p in agent.parameters() if p.requires_grad]
     mode = "reduce-overhead" if device.type == "cuda" else None
-    if not hasattr(script, "update_noise"):  # an older checkout: its whole training step compiled, its Adam
+    if not hasattr(script, "update"):  # an older checkout: its whole training step compiled, its Adam
         optimizer = torch.optim.Adam(params, lr=args.lr)
         step_fn = torch.compile(script.train_step, mode=mode) if compiled else script.train_step
         return lambda data: step_fn(agent, optimizer, data, args), agent, args, optimizer
@@ -204,14 +212,17 @@ def training_rows(args: Args, device: torch.device, baseline) -> tuple[list[str]
     return [name for name, *_ in variants], speed_rows, flop_rows
 
 
-def evaluation_rows(args: Args, device: torch.device, baseline) -> list[list[str]]:
-    """Each layout's pool is made once (its memory measured then); the rows take turns, --eval-rounds times."""
+def evaluation_rows(args: Args, device: torch.device) -> list[list[str]]:
+    """Each layout's environments are made once (their memory measured then); the rows take turns, --eval-rounds
+    times. This checkout only: an older one evaluates on its own environment pool (time it in its own checkout)."""
     default_envs = deflow_offline.Args().eval_envs
-    EnvPool(args.env_name, 1).close()  # imports MuJoCo and OGBench first, as the scripts' data loading does
-    pools = {num_envs: EnvPool(args.env_name, num_envs) for num_envs in (default_envs, 50)}
+    make_eval_envs(args.env_name, 1)[0].close()  # imports MuJoCo and OGBench first, as the scripts' loading does
+    pools, memory = {}, {}
+    for num_envs in (default_envs, 50):
+        before = resident_gb()
+        pools[num_envs] = make_eval_envs(args.env_name, num_envs)[0]
+        memory[num_envs] = resident_gb() - before
     rows = [(default_envs, deflow_offline, False), (default_envs, deflow_offline, True), (50, deflow_offline, False)]
-    if baseline is not None:
-        rows.append((50, baseline, False))
     runs = []
     for num_envs, script, compiled in rows:
         hidden = (512,) * 4
@@ -232,11 +243,11 @@ def evaluation_rows(args: Args, device: torch.device, baseline) -> list[list[str
             assert result["episode.length"] == 200  # untrained: every episode runs to the time limit
     out = []
     for (num_envs, script, compiled), (*_, seconds) in zip(rows, runs):
-        code = "baseline" if script is baseline else "this code"
+        code = "this code"
         layout = f"{num_envs} side by side" + (" (default)" if num_envs == default_envs else "")
         out.append([layout, f"{code}, {'compiled' if compiled else 'eager'}",
                     f"{statistics.median(seconds):.1f} ({', '.join(f'{x:.1f}' for x in seconds)})",
-                    f"{pools[num_envs].memory_gb:.2f}"])
+                    f"{memory[num_envs]:.2f}"])
         print("  " + " | ".join(out[-1]), flush=True)
     for pool in pools.values():
         pool.close()
@@ -267,7 +278,7 @@ if __name__ == "__main__":
     lines += table(["networks", *names], speed_rows)
     lines += ["", "Training, matmul GFLOP/s achieved:", ""] + table(["networks", *names], flop_rows)
     if args.eval_episodes > 0:
-        eval_rows = evaluation_rows(args, device, baseline)
+        eval_rows = evaluation_rows(args, device)
         lines += ["", f"Evaluation of {args.eval_episodes} episodes on {args.env_name} with an untrained 4x512 agent "
                   f"(every episode runs its 200 steps); seconds: the median of {args.eval_rounds} runs taken in turns "
                   f"(each run):", ""]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
@@ -26,7 +27,7 @@ import torch
 import tyro
 
 from common.datasets import make_env
-from common.envs import EnvPool
+from common.envs import make_eval_envs
 from common.runs import load_checkpoint, saved_args
 
 
@@ -65,8 +66,8 @@ def script_of(run_args: dict):
 
 def inputs(agent, obs):
     """What the flow, the refinement network and the critic read: the observations, or (pixels) their encodings."""
-    if hasattr(agent.flow, "encoder"):
-        return agent.flow.encoder(obs), agent.refine.encoder(obs), agent.critic.encoder(obs)
+    if hasattr(agent, "flow_encoder"):
+        return agent.flow_encoder(obs), agent.refine_encoder(obs), agent.critic_encoder(obs)
     return obs, obs, obs
 
 
@@ -108,8 +109,9 @@ def main(args: Args) -> dict:
         agent = script.DeFlowAgent(weights[0].shape[1] - action_dim, action_dim, run_args)
     agent.load_state_dict(checkpoint["agent"])
     agent.to(args.device).eval()
-    envs = EnvPool(run_args.env_name, max(1, min(args.envs, args.episodes)),
-                   max_episode_steps=getattr(run_args, "eval_max_episode_steps", None))
+    envs, _ = make_eval_envs(run_args.env_name, max(1, min(args.envs, args.episodes)),
+                             max_episode_steps=getattr(run_args, "eval_max_episode_steps", None),
+                             frame_stack=getattr(run_args, "frame_stack", 1))
     policy, noise_shape = script.sample_actions, ()
     if args.sampler == "max-q":
         policy, noise_shape = partial(sample_max_q, script), (args.num_samples,)
@@ -128,4 +130,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("MUJOCO_GL", "egl")  # pixels: MuJoCo renders the frames; without a display, through EGL
     main(tyro.cli(Args))

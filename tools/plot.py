@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
+from tools import require
 from tools.recipes import dataset_of
 
 IGNORED = {"seed", "run_dir", "resume", "track", "wandb_project_name", "wandb_entity", "save_interval", "device",
@@ -314,6 +315,7 @@ def write_table(rows: list[dict], out: Path, gains: list[dict] = (), diffs: list
 
 
 def main(args: Args) -> None:
+    require("scipy", "matplotlib")
     runs = read_runs(args.folders)
     if not runs:
         sys.exit(f"error: no run directories (args.json + eval.csv) below {', '.join(args.folders)}")

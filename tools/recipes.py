@@ -31,7 +31,7 @@ PIXEL_STEPS = D4RL_STEPS = 500_000
 
 def dataset_of(env_name: str) -> str:
     """'cube-double-play-singletask-task2-v0' -> 'cube-double-play'; Minari ids stay as they are."""
-    if d4rl.is_minari_id(env_name):
+    if "/" in env_name:
         return env_name
     return env_name.split("-singletask")[0]
 
@@ -62,7 +62,7 @@ def expand(names: list[str]) -> list[str]:
     for name in names:
         if name in ("D4RL", "D4RL/antmaze", "D4RL/adroit"):
             out += [t for t in d4rl.TASKS if name == "D4RL" or d4rl.is_antmaze(t) == (name == "D4RL/antmaze")]
-        elif not d4rl.is_minari_id(name) and "singletask" not in name:
+        elif "/" not in name and "singletask" not in name:
             out += [f"{name}-singletask-task{i}-v0" for i in range(1, 6)]
         else:
             out.append(name)

@@ -29,8 +29,8 @@ from typing import Literal, Optional
 
 import tyro
 
-from tools import recipes
-from common.d4rl import run_name_of
+from tools import recipes, require
+from common.runs import run_name_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,6 +253,7 @@ def main(argv: list[str]) -> None:
     extra = argv[split + 1 :]
     if "--dry-run" in extra:  # after --, it would go to every job's script, which would start for real (and fail)
         sys.exit("error: --dry-run is the launcher's flag: put it before --")
+    require("submitit")
     jobs = plan(args, extra)
     if args.dry_run:
         for job in jobs:

@@ -6,8 +6,10 @@ observations, actions, terminals (bool), qpos, qvel and, for scene/puzzle, butto
 `ogbench.make_env_and_datasets(env_name, dataset_path=...)` then loads them with the real single-task reward
 relabeling, exactly like a downloaded file.
 
-    python -m common.generate --env-name cube-single-play-v0 --episodes 100 --num-workers 2 \
+    python -m tools.generate --env-name cube-single-play-v0 --episodes 100 --num-workers 2 \
         --out data/cube-single-play-100ep.npz
+
+The training scripts' --generate-episodes N calls it (data seed 0) when --dataset-path does not exist yet.
 
 Supported: the manipulation 'play' datasets (cube-*, scene, puzzle-*), their visual-* variants (64x64x3 uint8
 frames rendered by MuJoCo: set MUJOCO_GL=egl or osmesa without a display; a CPU renders a few frames/s) and pointmaze
@@ -23,6 +25,7 @@ bit-identical to the published ones; small runs get at least one validation epis
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import multiprocessing
 import os
@@ -32,20 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common.datasets import dataset_name_of
+
 # The dataset families whose oracle ships in the `ogbench` package, as (name pattern, dataset type).
 GENERATABLE = (
     (r"(visual-)?(cube-(single|double|triple|quadruple|octuple)|scene|puzzle-\d+x\d+)", "play"),
     (r"pointmaze-(medium|large|giant|teleport)", "navigate"),
 )
-
-
-def dataset_name_of(env_name: str) -> str:
-    """'cube-single-play-singletask-task2-v0' -> 'cube-single-play-v0' (the file every task of it shares)."""
-    parts = env_name.split("-")
-    if "singletask" in parts:
-        pos = parts.index("singletask")
-        parts = parts[:pos] + parts[-1:]
-    return "-".join(parts)
 
 
 def generation_target(env_name: str) -> tuple[str, str]:
@@ -61,14 +57,6 @@ def generation_target(env_name: str) -> tuple[str, str]:
         "pointmaze-* 'navigate'. "
         "Locomotion datasets (antmaze, humanoidmaze, antsoccer) need OGBench's trained experts: download them on a "
         "machine with internet (ogbench.download_datasets) and copy the .npz files over."
-    )
-
-
-def generation_command(env_name: str, out: str, episodes: int = 1000, num_workers: int = 8) -> str:
-    """The exact shell command that generates the dataset of `env_name` at `out`."""
-    return (
-        f"python -m common.generate --env-name {dataset_name_of(env_name)} --episodes {episodes} "
-        f"--num-workers {num_workers} --out {out}"
     )
 
 
@@ -212,6 +200,22 @@ def generate_episode(index: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in steps.items() if v}
 
 
+def generate_missing(env_name: str, episodes: int, out: Path, num_workers: int = 1) -> None:
+    """A training script's --generate-episodes: generate `out` (and its -val file) with data seed 0 unless it exists.
+    Runs that ask for the same missing file at once (a sweep over seeds) take turns through a lock next to it: the
+    first generates it, the others then find it; a dataset without an oracle is one clear DatasetError."""
+    from common.datasets import DatasetError, val_path
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (also if this process dies)
+        if not (out.exists() and val_path(out).exists()):
+            try:
+                generate_dataset(env_name, episodes, out, num_workers=num_workers)
+            except ValueError as e:  # no oracle for this dataset: the message says what to do instead
+                raise DatasetError(str(e)) from None
+
+
 def save_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Write a compressed .npz so that `path` is either absent or complete, never half-written (a temporary name of
     this process's own: processes writing the same file at once never mix their bytes)."""
@@ -285,6 +289,7 @@ def main() -> None:
     import tyro
 
     args = tyro.cli(GenerateArgs)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # visual datasets are rendered; without a display, through EGL
     try:
         train_path, val_path = generate_dataset(args.env_name, args.episodes, args.out, args.num_workers,
                                                 args.episode_length, args.seed)

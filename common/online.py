@@ -1,0 +1,50 @@
+"""What deflow_o2o.py's checkpoints hold besides the agent, so that a run resumes exactly online: the replay
+buffer's online rows (the dataset part is loaded again, not saved) and the training episode under way (replayed)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+
+def buffer_state(buffer) -> dict:
+    """The rows online transitions were written to, their contents and the count."""
+    rows = (buffer.initial_size + torch.arange(min(buffer.num_added, buffer.capacity))) % buffer.capacity
+    return {"capacity": buffer.capacity, "initial_size": buffer.initial_size, "num_added": buffer.num_added,
+            "rows": rows, "data": {k: v[rows.to(v.device)].cpu() for k, v in buffer.data.items()}}
+
+
+def load_buffer_state(buffer, state: dict) -> None:
+    if (state["capacity"], state["initial_size"]) != (buffer.capacity, buffer.initial_size):
+        raise ValueError(f"its buffer holds {state['initial_size']} dataset rows in a capacity of {state['capacity']}"
+                         f", this one {buffer.initial_size} in {buffer.capacity}")
+    for k, v in buffer.data.items():
+        v[state["rows"].to(v.device)] = state["data"][k].to(v.device)
+    buffer.num_added = state["num_added"]
+
+
+def episode_state(episode: SimpleNamespace, action_dim: int) -> dict:
+    """The training episode (tensors, not numpy arrays or generators: checkpoints load with weights_only)."""
+    return {**vars(episode), "obs": None if episode.obs is None else torch.as_tensor(episode.obs),
+            "actions": torch.as_tensor(np.array(episode.actions).reshape(-1, action_dim)),
+            "noise": None if episode.noise is None else episode.noise.get_state()}
+
+
+def resume_episode(env, saved: dict, device) -> SimpleNamespace:
+    """A checkpoint's training episode: the environment reset with its seed and its actions repeated (MuJoCo is
+    deterministic), its noise stream where it was; where that does not reproduce its state (another machine or
+    MuJoCo version), a new episode, with a warning."""
+    actions = list(saved["actions"].numpy())
+    episode = SimpleNamespace(**{**saved, "obs": None, "noise": None, "actions": actions})
+    if not episode.done:
+        episode.noise = torch.Generator(device).set_state(saved["noise"])
+        episode.obs, _ = env.reset(seed=episode.seed)
+        for action in episode.actions:
+            episode.obs, *_ = env.step(action)
+        if not np.array_equal(episode.obs, saved["obs"].numpy()):
+            print("warning: replaying the interrupted training episode did not reproduce its state (another machine "
+                  "or MuJoCo version?); starting a new episode, so the run no longer matches exactly")
+            episode.done = True
+    return episode
