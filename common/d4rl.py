@@ -2,14 +2,18 @@
 
 The official code reaches D4RL through the `d4rl` package (gym 0.21 and mujoco-py, which no longer install on a
 current Python). Its maintained successor is Minari, which holds the same tasks as datasets named
-D4RL/<task>/<dataset>-vN (AntMaze re-collected in gymnasium-robotics' AntMaze, Adroit converted from the D4RL files),
-with the environments of gymnasium-robotics. Minari's files differ from D4RL's in ways that change the task, and this
+D4RL/<task>/<dataset>-vN (AntMaze re-collected in gymnasium-robotics' AntMaze; Adroit re-simulated in
+gymnasium-robotics from D4RL's initial states and actions, its observations and rewards those of the re-simulation),
+with the environments of gymnasium-robotics. D4RL ids outside the 18 are refused (check_supported). Minari's files differ from D4RL's in ways that change the task, and this
 module puts D4RL's definitions back (each from the D4RL source named at its constant):
 
 Transitions, from Minari's episodes (an episode stores T + 1 observations for T actions):
   - (obs[t], action[t], reward[t], obs[t + 1]) within each episode, episodes concatenated in order; terminals = 1 on
     the last transition of every episode; actions clipped to [-1 + 1e-5, 1 - 1e-5].
-  - Adroit: rewards as stored, masks = 1 - terminations (a time limit never stops bootstrapping).
+  - Adroit: masks = 1 - terminations (a time limit never stops bootstrapping); rewards D4RL's. Minari stores
+    env.step's, which for door, hammer and relocate carry gymnasium-robotics 1.2.1-1.4.2's sign error (+0.1
+    |palm - object| where D4RL subtracts it): each stored reward is checked at load against both forms, recomputed
+    from its transition's observations (d4rl_rewards; the run prints the form found), and D4RL's is trained on.
   - AntMaze: Minari collected every episode with a goal of its own (continuing_task=True, reset_target=False), so its
     stored rewards follow goals the policy never sees and no episode terminates. D4RL relabelled its AntMaze data to
     the task's one evaluation goal (scripts/generation/relabel_antmaze_rewards.py): reward = terminal = 1 where the
@@ -35,8 +39,8 @@ Scores: evaluation/episode.normalized_return = 100 (return - ref_min) / (ref_max
 scores (d4rl/infos.py; REFERENCE_SCORES), whatever the Minari dataset stores (a difference is printed once).
 
 What stays different from D4RL: Minari re-collected AntMaze with gymnasium's ant (another timestep and motor gear)
-and samples goals and starts with its own noise; the stored Adroit rewards of door, hammer and relocate are trained
-on as Minari stores them. Numbers compare with the paper only approximately.
+and samples goals and starts with its own noise; Adroit's observations come from gymnasium-robotics' re-simulation.
+Numbers compare with the paper only approximately.
 """
 
 from __future__ import annotations
@@ -127,9 +131,12 @@ def minari_id_of(d4rl_name: str) -> str | None:
     return candidate if candidate in TASKS else None
 
 
-def reward_offset(env_name: str) -> float:
-    """What the official code adds to every reward of this task, in the dataset and online: -1 for D4RL AntMaze."""
-    return -1.0 if is_antmaze(env_name) else 0.0
+def check_supported(dataset_id: str) -> None:
+    """D4RL ids outside the paper's 18 are refused: their conventions (AntMaze's goal relabelling and -1 shift,
+    Adroit's rewards, horizons and scores) are not known. Other Minari namespaces load as stored."""
+    if dataset_id.startswith("D4RL/") and dataset_id not in TASKS:
+        raise MinariError(f"{dataset_id} is not one of the paper's D4RL datasets, the ones this code supports with "
+                          f"D4RL's conventions: {', '.join(TASKS)}")
 
 
 def datasets_root() -> Path:
@@ -171,11 +178,11 @@ def _flat_observation_keys(space) -> tuple[str, ...] | None:
                       "flattening")
 
 
-def flatten(observation, keys: tuple[str, ...] | None) -> np.ndarray:
+def flatten(observation, keys: tuple[str, ...] | None, dtype=np.float32) -> np.ndarray:
     """One observation (or a batch, along the last axis) as the flat vector the networks see."""
     if keys is None:
-        return np.asarray(observation, dtype=np.float32)
-    return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in keys], axis=-1)
+        return np.asarray(observation, dtype=dtype)
+    return np.concatenate([np.asarray(observation[k], dtype=dtype) for k in keys], axis=-1)
 
 
 class AntMazeGoal(gymnasium.Wrapper):
@@ -226,6 +233,93 @@ def d4rl_adroit_reward(task: str, env) -> float:
     return reward + 10 * (norm(obj - target) < 0.1) + 20 * (norm(obj - target) < 0.05)
 
 
+# The Adroit rewards Minari stores: it re-simulated D4RL's initial states and actions in gymnasium-robotics and kept
+# env.step's reward, which gymnasium-robotics 1.2.1-1.4.2 compute with +0.1 |palm - object| where D4RL subtracts it
+# (door, hammer, relocate; pen's is D4RL's in every version). D4RL's reward is recomputed from each transition's next
+# observation (the state after the step), as far as it shows it: pen's wholly; relocate's too, but for its lift test
+# (object above 0.04) within 4 mm of the threshold, where the object's height, from the hand's forward kinematics, is
+# a MuJoCo substep off (both outcomes allowed there); door's and hammer's but for a penalty on the joint velocities,
+# which no observation holds: it must be at least 0 (hammer: at least that of the velocities its observation shows),
+# and where both forms allow that, the form whose implied penalties are nearest those of the velocities estimated
+# from consecutive observations (at a step's end: the mean of the mean velocities of the steps around it) is the
+# file's.
+REWARD_FORMS = {"D4RL": 0.0, "gymnasium-robotics 1.2.1-1.4.2": 0.2}  # form: its reward - D4RL's, per |palm - object|
+REWARD_TOLERANCE = 1e-5
+
+
+def d4rl_reward_parts(task: str, obs: np.ndarray, next_obs: np.ndarray, terminals: np.ndarray, env) -> tuple:
+    """(low, high, |palm - object|, the least velocity penalty, the estimated one) per transition (rows of
+    gymnasium-robotics' Adroit observations before and after the step; terminals: 1 at each episode's last): D4RL's
+    reward plus its joint-velocity penalty (door, hammer; none for pen and relocate) lies in [low, high]. `env` is the
+    task's (`env.unwrapped`): its model gives the hammer's geometry and the hand's forward kinematics."""
+    o, norm, zeros = next_obs, lambda x: np.linalg.norm(x, axis=-1), np.zeros(len(next_obs))
+    if task == "pen":  # pen_v0.py: object position - goal, orientations, the drop
+        dist, similarity = norm(o[:, 39:42]), np.sum(o[:, 33:36] * o[:, 36:39], axis=1)
+        bonus = 10 * ((dist < 0.075) & (similarity > 0.9)) + 50 * ((dist < 0.075) & (similarity > 0.95))
+        reward = -dist + similarity + bonus - 5 * (o[:, 26] < PEN_DROP_HEIGHT)
+        return reward, reward, zeros, zeros, zeros
+    joints = (o - obs)[:, :29 if task == "door" else 27] / env.dt  # qpos but the arm's height (door), the hammer's
+    inner = np.flatnonzero(terminals[:-1] == 0)  # a step's end velocity: the mean of the steps' around it
+    joints[inner] = (joints[inner] + joints[inner + 1]) / 2
+    if task == "door":  # door_v0.py: palm - handle, the hinge's angle; penalty 1e-5 |qvel|^2
+        door, distance = o[:, 28], norm(o[:, 35:38])
+        reward = -0.1 * distance - 0.1 * (door - 1.57) ** 2 + 2 * (door > 0.2) + 8 * (door > 1.0) + 10 * (door > 1.35)
+        return reward, reward, distance, zeros, 1e-5 * np.sum(joints ** 2, axis=1)
+    model = env.model
+    if task == "hammer":  # hammer_v0.py: palm, hammer, its head (a site on it), nail, goal; penalty 1e-2 |qvel|
+        from gymnasium_robotics.utils.rotations import euler2mat
+
+        palm, hammer, nail = o[:, 33:36], o[:, 36:39], o[:, 42:45]
+        head = hammer + euler2mat(o[:, 39:42]) @ model.site_pos[env.tool_site_id]
+        depth = model.site_pos[env.target_obj_site_id][2] - model.site_pos[env.goal_site_id][2]
+        goal = np.abs(depth - o[:, 26])  # nail - goal: the nail slides down its joint (obs[26]) towards the goal
+        distance, lifted = norm(palm - hammer), (hammer[:, 2] > 0.04) & (head[:, 2] > 0.04)
+        reward = -0.1 * distance - norm(head - nail) - 10 * goal + 2 * lifted + 25 * (goal < 0.02) + 75 * (goal < 0.01)
+        shown = o[:, 27:33]  # the hammer's velocities, clipped to [-1, 1]
+        return reward, reward, distance, 1e-2 * norm(shown), 1e-2 * norm(np.concatenate([joints, shown], 1))
+    import mujoco  # relocate_v0.py: palm - object, palm - target, object - target, and the lift test
+
+    data, palm_z = mujoco.MjData(model), np.empty(len(o))
+    for i, hand in enumerate(o[:, :30]):
+        data.qpos[:30] = hand
+        mujoco.mj_kinematics(model, data)
+        palm_z[i] = data.site_xpos[env.S_grasp_site_id][2]
+    distance, to_target, obj_to_target = norm(o[:, 30:33]), norm(o[:, 33:36]), norm(o[:, 36:39])
+    height = palm_z - o[:, 32]  # obs[30:33] = palm - object
+    reward = -0.1 * distance + 10 * (obj_to_target < 0.1) + 20 * (obj_to_target < 0.05)
+    lift = 1.0 - 0.5 * to_target - 0.5 * obj_to_target  # added while the object is off the table
+    low, high = reward + lift * (height > 0.044), reward + lift * (height > 0.036)  # (the test's 0.04 +- 4 mm)
+    return np.minimum(low, high), np.maximum(low, high), distance, zeros, zeros
+
+
+def d4rl_rewards(task: str, data: dict, env, dataset_id: str) -> tuple[np.ndarray, str]:
+    """D4RL's rewards of a Minari Adroit file's transitions (`data`, transitions()'s), and the form (REWARD_FORMS)
+    its rewards are stored in; a MinariError names the first transition whose stored reward fits no form."""
+    stored = data["rewards"]
+    low, high, distance, least, estimate = d4rl_reward_parts(task, data["observations"], data["next_observations"],
+                                                             data["terminals"], env)
+    penalty = {form: high + gap * distance - stored for form, gap in REWARD_FORMS.items()}  # (door, hammer)
+    if task in ("door", "hammer"):
+        fits = {form: p >= least - REWARD_TOLERANCE for form, p in penalty.items()}
+    else:
+        fits = {form: (low - REWARD_TOLERANCE <= stored - gap * distance) & (penalty[form] >= -REWARD_TOLERANCE)
+                for form, gap in REWARD_FORMS.items()}
+    forms = [form for form, fit in fits.items() if fit.all()]
+    if forms:
+        form = min(forms, key=lambda f: np.median(np.abs(penalty[f] - estimate)))  # (pen: either, D4RL's)
+        return stored - REWARD_FORMS[form] * distance, form
+    neither = ~np.logical_or.reduce(list(fits.values()))
+    row = int(np.argmax(neither)) if neither.any() else int(np.argmax(~fits[max(fits, key=lambda f: fits[f].sum())]))
+    expected = ", ".join(f"{form}'s " + (f"{low[row] + gap * distance[row]:.6g}" if low[row] == high[row] and task in
+                                         ("pen", "relocate") else f"{low[row] + gap * distance[row]:.6g} to "
+                                         f"{high[row] + gap * distance[row]:.6g}" if task == "relocate" else
+                                         f"at most {high[row] + gap * distance[row] - least[row]:.6g}")
+                         for form, gap in REWARD_FORMS.items())
+    raise MinariError(f"{dataset_id}: the stored reward of transition {row} ({stored[row]:.6g}) fits no known form "
+                      f"(from its next observation: {expected}); " + ("its rows do not all hold one form" if not
+                      neither.any() else "the file is not a D4RL Adroit dataset as Minari makes them"))
+
+
 def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None):
     """The task's evaluation environment as D4RL defined it (module docstring), with flat observations; `dataset` is
     the loaded Minari dataset when the caller has it. For the paper's 18 tasks; other Minari datasets get the
@@ -236,6 +330,7 @@ def make_env(dataset_id: str, max_episode_steps: int | None = None, dataset=None
         gymnasium.register_envs(gymnasium_robotics)  # AntMaze and Adroit
     except ImportError:
         pass
+    check_supported(dataset_id)
     dataset = dataset if dataset is not None else _load(dataset_id)
     name = maze_of(dataset_id) if is_antmaze(dataset_id) else family(dataset_id)
     steps = max_episode_steps
@@ -265,22 +360,23 @@ def transitions(episodes, offset: float, keys: tuple[str, ...] | None = None,
                 goal: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Flat transitions with the official conventions (module docstring) from episodes with Minari's fields:
     observations (T + 1 of them), actions, rewards, terminations, truncations (T each); `offset` is added to every
-    reward (reward_offset). With `goal` (AntMaze), rewards and masks are relabelled to it from the next observation's
-    position (its first two numbers): reward 1 and mask 0 within GOAL_RADIUS, else reward 0 and mask 1."""
+    reward (D4RL AntMaze: -1). With `goal` (AntMaze), rewards and masks are relabelled to it from the next
+    observation's position (its first two numbers): reward 1 and mask 0 within GOAL_RADIUS, else reward 0 and mask 1.
+    Float64 as stored (the Adroit reward check recomputes from them); the caller casts."""
     parts = {k: [] for k in ("observations", "actions", "rewards", "masks", "terminals", "next_observations")}
     for episode in episodes:
-        obs = flatten(episode.observations, keys)
+        obs = flatten(episode.observations, keys, np.float64)
         steps = len(episode.actions)
         if len(obs) != steps + 1:
             raise MinariError(f"an episode has {len(obs)} observations for {steps} actions (Minari stores T + 1)")
         terminals = np.zeros(steps, dtype=np.float32)
         terminals[-1] = 1.0
-        rewards, ends = np.asarray(episode.rewards, np.float32), np.asarray(episode.terminations, np.float32)
+        rewards, ends = np.asarray(episode.rewards, np.float64), np.asarray(episode.terminations, np.float32)
         if goal is not None:  # D4RL's relabelling (scripts/generation/relabel_antmaze_rewards.py)
             rewards = ends = (np.linalg.norm(obs[1:, :2] - goal, axis=1) <= GOAL_RADIUS).astype(np.float32)
         parts["observations"].append(obs[:-1])
         parts["next_observations"].append(obs[1:])
-        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32))
+        parts["actions"].append(np.asarray(episode.actions, dtype=np.float64))
         parts["rewards"].append(rewards + offset)
         parts["masks"].append(1.0 - ends)
         parts["terminals"].append(terminals)
@@ -303,6 +399,7 @@ def load_env_and_datasets(dataset_id: str, dataset_path: str | None = None, gene
 
 def load_env_and_dataset(dataset_id: str):
     """(env, train) for a Minari dataset id: the evaluation environment and the transitions (module docstring)."""
+    check_supported(dataset_id)
     dataset = _load(dataset_id)
     env = make_env(dataset_id, dataset=dataset)
     keys = _flat_observation_keys(dataset.observation_space)
@@ -314,11 +411,14 @@ def load_env_and_dataset(dataset_id: str):
         if walls(ANTMAZE_MAPS[maze]) != walls(data_maze):
             raise MinariError(f"the maze of {dataset_id}'s data is not D4RL's {maze} maze: {data_maze}")
         goal = cell_xy(ANTMAZE_MAPS[maze], G)
-    train = transitions(dataset.iterate_episodes(), reward_offset(dataset_id), keys, goal)
+    train = transitions(dataset.iterate_episodes(), -1.0 if is_antmaze(dataset_id) else 0.0, keys, goal)
     if train["observations"].shape[1:] != env.observation_space.shape:
         raise MinariError(f"{dataset_id} has observations of shape {train['observations'].shape[1:]} but its "
                           f"environment {env.observation_space.shape}; the dataset belongs to another environment")
-    return env, train
+    if dataset_id in TASKS and not is_antmaze(dataset_id):  # Adroit: D4RL's reward, whichever form is stored
+        train["rewards"], form = d4rl_rewards(family(dataset_id), train, env.unwrapped, dataset_id)
+        print(f"{dataset_id}: the stored rewards are {form}'s; training uses D4RL's")
+    return env, {k: v.astype(np.float32) for k, v in train.items()}
 
 
 @functools.lru_cache

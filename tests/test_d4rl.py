@@ -22,6 +22,8 @@ gymnasium.register_envs(gymnasium_robotics)
 ANTMAZE, PEN = "D4RL/antmaze/umaze-v1", "D4RL/pen/cloned-v2"
 HANDMADE_ANTMAZE, HANDMADE_FLAT = "D4RL/antmaze/medium-play-v1", "test/pen-handmade-v0"
 WRONG_MAZE = "D4RL/antmaze/large-play-v1"  # data recorded in the U-maze under a large-maze name
+NEITHER = "D4RL/door/human-v2"  # door's recording, its rewards 0.5 above gymnasium-robotics'
+ADROIT_SLICES = {"door": lambda o: o[35:38], "hammer": lambda o: o[33:36] - o[36:39], "relocate": lambda o: o[30:33]}
 # Minari's umaze datasets: data in the U-maze with the goal on top, and an evaluation spec whose maze is mirrored
 # (Minari#304), as its generation script writes them.
 MINARI_UMAZE_DATA = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
@@ -37,9 +39,10 @@ def stack(observations: list):
 
 
 def record(dataset_id: str, env_id: str, episodes: int, steps: int, eval_steps: int, seed: int, eval_kwargs=None,
-           **kwargs):
+           reward_of=None, action_scale=1.0, **kwargs):
     """A few random-action episodes of a real environment, written with Minari's own writer (its DataCollector
-    needs jax, which this project does not; the buffers it would make are built here instead)."""
+    needs jax, which this project does not; the buffers it would make are built here instead). The rewards are the
+    environment's (gymnasium-robotics') or reward_of(env.unwrapped, its reward) after each step."""
     env = gymnasium.make(env_id, max_episode_steps=steps, **kwargs)
     rng = np.random.default_rng(seed)
     buffers = []
@@ -47,8 +50,9 @@ def record(dataset_id: str, env_id: str, episodes: int, steps: int, eval_steps: 
         observations, rewards, terminations, truncations = [env.reset(seed=seed + episode)[0]], [], [], []
         actions = []
         while not (terminations and (terminations[-1] or truncations[-1])):
-            actions.append(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
+            actions.append(action_scale * rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
             obs, reward, terminated, truncated, _ = env.step(actions[-1])
+            reward = reward if reward_of is None else reward_of(env.unwrapped, reward)
             observations.append(obs)
             rewards.append(reward)
             terminations.append(terminated)
@@ -84,6 +88,15 @@ def minari_root(tmp_path_factory):
     record(ANTMAZE, "AntMaze_UMaze-v4", episodes=2, steps=12, eval_steps=10, seed=0, maze_map=MINARI_UMAZE_DATA,
            eval_kwargs=dict(maze_map=MINARI_UMAZE_EVAL), **maze)
     record(PEN, "AdroitHandPen-v1", episodes=2, steps=12, eval_steps=10, seed=0)
+    # 2 episodes of 12 steps in each form stored rewards can have, their actions small (a hand as slow as a demo's
+    # at times: random ones keep it so fast that a joint-velocity penalty hides the difference of the two forms)
+    for task in ("door", "hammer", "relocate"):
+        env_id = f"AdroitHand{task.capitalize()}-v1"
+        record(f"D4RL/{task}/cloned-v2", env_id, 2, 12, 10, seed=1, action_scale=0.1)  # gymnasium-robotics'
+        record(f"D4RL/{task}/expert-v2", env_id, 2, 12, 10, seed=1, action_scale=0.1,
+               reward_of=lambda hand, reward, task=task: d4rl.d4rl_adroit_reward(task, hand))  # D4RL's
+    record(NEITHER, "AdroitHandDoor-v1", 2, 12, 10, seed=1, action_scale=0.1,
+           reward_of=lambda hand, reward: reward + 0.5)
     rng = np.random.default_rng(0)
     pen = gymnasium.make("AdroitHandPen-v1")
     obs_dim = pen.observation_space.shape[0]
@@ -194,8 +207,7 @@ def test_adroit_rewards_are_d4rls(task):
     env.reset(seed=0)
     rng, total = np.random.default_rng(0), 0.0
     buggy = Version("1.2.1") <= Version(gymnasium_robotics.__version__) <= Version("1.4.2")
-    palm_minus_object = {"door": lambda o: o[35:38], "hammer": lambda o: o[33:36] - o[36:39],
-                         "relocate": lambda o: o[30:33]}[task]
+    palm_minus_object = ADROIT_SLICES[task]
     for _ in range(200):
         action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
         obs, raw_reward, *_ = raw.step(action)
@@ -221,9 +233,9 @@ def test_normalized_return_uses_d4rls_reference_scores(minari_root, capsys):
 
 def test_missing_dataset_says_where_to_download_and_copy(minari_root):
     with pytest.raises(DatasetError) as e:
-        load_env_and_datasets("D4RL/door/human-v2")
+        load_env_and_datasets("D4RL/relocate/human-v2")
     message = str(e.value)
-    assert "minari download D4RL/door/human-v2" in message and "MINARI_DATASETS_PATH" in message
+    assert "minari download D4RL/relocate/human-v2" in message and "MINARI_DATASETS_PATH" in message
     assert str(minari_root) in message and "\n" not in message
 
 
@@ -267,3 +279,54 @@ def test_both_scripts_end_to_end(minari_root, tmp_path, dataset_id):
     assert len(online["rewards"]) == 4
     if d4rl.is_antmaze(dataset_id):  # stored as the dataset's rewards: r - 1 (a random ant never reaches the goal)
         assert torch.equal(online["rewards"], -torch.ones(4))
+
+
+@pytest.mark.parametrize("task", ["pen", "door", "hammer", "relocate"])
+def test_d4rl_rewards_recomputed_from_the_observations_bound_the_simulators(task):
+    """What the reward check recomputes from two observations alone: pen's D4RL reward exactly; door's and hammer's
+    but for the joint-velocity penalty no observation holds (at least, for hammer, that of the velocities it shows),
+    and an estimate of it; relocate's exactly but where the lift test is too close to call (then both outcomes)."""
+    env = gymnasium.make(f"AdroitHand{task.capitalize()}-v1")
+    observations, rng, true, penalty = [env.reset(seed=3)[0]], np.random.default_rng(3), [], []
+    hand = env.unwrapped
+    for _ in range(60):
+        obs, reward, *_ = env.step(0.3 * rng.uniform(-1, 1, env.action_space.shape))
+        observations.append(obs)
+        true.append(reward if task == "pen" else d4rl.d4rl_adroit_reward(task, hand))  # (pen: D4RL's in both)
+        penalty.append({"door": 1e-5 * np.sum(hand.data.qvel ** 2),
+                        "hammer": 1e-2 * np.linalg.norm(hand.data.qvel)}.get(task, 0.0))
+    obs, true, penalty = np.array(observations), np.array(true), np.array(penalty)
+    terminals = np.eye(60)[-1]
+    low, high, distance, least, estimate = d4rl.d4rl_reward_parts(task, obs[:-1], obs[1:], terminals, hand)
+    assert np.all(low - 1e-9 <= true + penalty) and np.all(true + penalty <= high + 1e-9)
+    assert np.sum(low == high) >= (20 if task == "relocate" else 60)  # (relocate: objects rest 5 mm below the test)
+    if task in ("door", "hammer"):
+        np.testing.assert_allclose(distance, [np.linalg.norm(ADROIT_SLICES[task](o)) for o in obs[1:]], atol=1e-12)
+        assert np.all(least <= penalty + 1e-12)
+        assert np.sum(np.abs(estimate - penalty) < 0.1 * distance) >= 54  # within half the forms' difference
+
+
+@pytest.mark.parametrize("task", ["door", "hammer", "relocate"])
+def test_adroit_datasets_in_either_reward_form_train_on_d4rls(minari_root, task, capsys):
+    """The same episodes stored with gymnasium-robotics' rewards and with D4RL's load to the same rewards, D4RL's
+    (recorded from the simulator), and the run says which form the file held."""
+    gr, d4rl_form = (load_env_and_datasets(f"D4RL/{task}/{kind}-v2")[1] for kind in ("cloned", "expert"))
+    np.testing.assert_allclose(gr["rewards"], d4rl_form["rewards"], rtol=0, atol=1e-6)
+    stored = np.concatenate([e.rewards for e in minari.load_dataset(f"D4RL/{task}/expert-v2").iterate_episodes()])
+    np.testing.assert_allclose(d4rl_form["rewards"], stored, rtol=0, atol=1e-6)  # D4RL's, as recorded
+    out = capsys.readouterr().out
+    assert f"D4RL/{task}/cloned-v2: the stored rewards are gymnasium-robotics 1.2.1-1.4.2's" in out
+    assert f"D4RL/{task}/expert-v2: the stored rewards are D4RL's" in out
+
+
+def test_a_file_whose_rewards_fit_no_form_is_refused_naming_the_row(minari_root):
+    with pytest.raises(DatasetError, match=r"D4RL/door/human-v2: the stored reward of transition 0 \(.*\) fits no "
+                                           r"known form .*D4RL's .*gymnasium-robotics 1.2.1-1.4.2's"):
+        load_env_and_datasets(NEITHER)
+
+
+def test_d4rl_ids_outside_the_papers_are_refused_with_the_list(minari_root):
+    for dataset_id in ("D4RL/antmaze/umaze-v2", "D4RL/pen/human-v1"):  # Minari's generation names, an old version
+        with pytest.raises(DatasetError, match="not one of the paper's D4RL datasets.*D4RL/antmaze/umaze-v1, "):
+            load_env_and_datasets(dataset_id)
+    assert "D4RL/antmaze/umaze-v2" not in str(minari_root)  # refused before any file is looked for
