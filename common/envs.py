@@ -17,7 +17,7 @@ class EvaluationEnv(gymnasium.Wrapper):
 
     def __init__(self, env, index):
         super().__init__(env)
-        self.index, self.parked, self.obs = index, False, None
+        self.index, self.parked, self.obs = index, False, env.observation_space.sample()  # (parked: never read)
 
     def reset(self, *, seed=None, options=None):
         self.parked = bool(options["park"][self.index])

@@ -107,3 +107,10 @@ def test_generating_a_dataset_without_an_oracle_is_one_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="cannot generate 'antmaze-medium-navigate-v0' locally"):
         load_env_and_datasets("antmaze-medium-navigate-singletask-v0", dataset_path=str(tmp_path / "a.npz"),
                               generate_episodes=1)
+
+
+def test_more_environments_than_episodes_leaves_the_rest_parked():
+    agent, args = tiny_agent(obs_dim=28, action_dim=5)
+    envs, _ = make_eval_envs(ENV, 3, max_episode_steps=2)
+    metrics, _ = evaluate(agent, envs, 1, args, seed=0, step=1)
+    assert metrics["episode.length"] == 2  # one episode; the two environments without one never ran
