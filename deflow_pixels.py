@@ -82,7 +82,7 @@ class Args:
     capture_video: bool = False
     """write the first --video-episodes episodes of each evaluation to <run>/videos/"""
     video_episodes: int = 1
-    """evaluation episodes recorded by --capture-video"""
+    """evaluation episodes recorded by --capture-video (the first ones, at most --eval-envs)"""
     save_interval: int = 500_000
     """write checkpoint.pt every this many updates and at the end (0: at the end only)"""
     frame_stack: int = 3
@@ -581,8 +581,8 @@ if __name__ == "__main__":
                                             step, video_episodes)
             run.write("eval.csv", {f"evaluation/{k}": v for k, v in eval_metrics.items()}, step)
             run.videos(videos, step)
-            tqdm.write(f"step {step}: evaluation/" + ", ".join(f"{k} {v:.3g}" for k, v in
-                                                               eval_metrics.items()))
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in eval_metrics.items())
+            tqdm.write(f"step {step}: evaluation/{shown}")
         if is_save_step:
             save_checkpoint(run.dir / "checkpoint.pt", {
                 "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
