@@ -4,8 +4,9 @@ The official code reaches D4RL through the `d4rl` package (gym 0.21 and mujoco-p
 current Python). Its maintained successor is Minari, which holds the same tasks as datasets named
 D4RL/<task>/<dataset>-vN (AntMaze re-collected in gymnasium-robotics' AntMaze; Adroit re-simulated in
 gymnasium-robotics from D4RL's initial states and actions, its observations and rewards those of the re-simulation),
-with the environments of gymnasium-robotics. D4RL ids outside the 18 are refused (check_supported). Minari's files differ from D4RL's in ways that change the task, and this
-module puts D4RL's definitions back (each from the D4RL source named at its constant):
+with the environments of gymnasium-robotics. Minari's files differ from D4RL's in ways that change the task, and this
+module puts D4RL's definitions back (each from the D4RL source named at its constant); D4RL ids outside the 18 are
+refused (check_supported):
 
 Transitions, from Minari's episodes (an episode stores T + 1 observations for T actions):
   - (obs[t], action[t], reward[t], obs[t + 1]) within each episode, episodes concatenated in order; terminals = 1 on
@@ -248,23 +249,23 @@ REWARD_TOLERANCE = 1e-5
 
 
 def d4rl_reward_parts(task: str, obs: np.ndarray, next_obs: np.ndarray, terminals: np.ndarray, env) -> tuple:
-    """(low, high, |palm - object|, the least velocity penalty, the estimated one) per transition (rows of
-    gymnasium-robotics' Adroit observations before and after the step; terminals: 1 at each episode's last): D4RL's
-    reward plus its joint-velocity penalty (door, hammer; none for pen and relocate) lies in [low, high]. `env` is the
-    task's (`env.unwrapped`): its model gives the hammer's geometry and the hand's forward kinematics."""
+    """(lower, upper bound of D4RL's reward, |palm - object|, D4RL's reward but its joint-velocity penalty, an
+    estimate of that penalty) per transition: rows of gymnasium-robotics' Adroit observations before and after the
+    step (terminals: 1 at each episode's last). `env` is the task's (`env.unwrapped`): its model gives the hammer's
+    geometry and the hand's forward kinematics."""
     o, norm, zeros = next_obs, lambda x: np.linalg.norm(x, axis=-1), np.zeros(len(next_obs))
     if task == "pen":  # pen_v0.py: object position - goal, orientations, the drop
         dist, similarity = norm(o[:, 39:42]), np.sum(o[:, 33:36] * o[:, 36:39], axis=1)
         bonus = 10 * ((dist < 0.075) & (similarity > 0.9)) + 50 * ((dist < 0.075) & (similarity > 0.95))
         reward = -dist + similarity + bonus - 5 * (o[:, 26] < PEN_DROP_HEIGHT)
-        return reward, reward, zeros, zeros, zeros
+        return reward, reward, zeros, reward, zeros
     joints = (o - obs)[:, :29 if task == "door" else 27] / env.dt  # qpos but the arm's height (door), the hammer's
     inner = np.flatnonzero(terminals[:-1] == 0)  # a step's end velocity: the mean of the steps' around it
     joints[inner] = (joints[inner] + joints[inner + 1]) / 2
     if task == "door":  # door_v0.py: palm - handle, the hinge's angle; penalty 1e-5 |qvel|^2
         door, distance = o[:, 28], norm(o[:, 35:38])
         reward = -0.1 * distance - 0.1 * (door - 1.57) ** 2 + 2 * (door > 0.2) + 8 * (door > 1.0) + 10 * (door > 1.35)
-        return reward, reward, distance, zeros, 1e-5 * np.sum(joints ** 2, axis=1)
+        return np.full(len(o), -np.inf), reward, distance, reward, 1e-5 * np.sum(joints ** 2, axis=1)
     model = env.model
     if task == "hammer":  # hammer_v0.py: palm, hammer, its head (a site on it), nail, goal; penalty 1e-2 |qvel|
         from gymnasium_robotics.utils.rotations import euler2mat
@@ -275,8 +276,9 @@ def d4rl_reward_parts(task: str, obs: np.ndarray, next_obs: np.ndarray, terminal
         goal = np.abs(depth - o[:, 26])  # nail - goal: the nail slides down its joint (obs[26]) towards the goal
         distance, lifted = norm(palm - hammer), (hammer[:, 2] > 0.04) & (head[:, 2] > 0.04)
         reward = -0.1 * distance - norm(head - nail) - 10 * goal + 2 * lifted + 25 * (goal < 0.02) + 75 * (goal < 0.01)
-        shown = o[:, 27:33]  # the hammer's velocities, clipped to [-1, 1]
-        return reward, reward, distance, 1e-2 * norm(shown), 1e-2 * norm(np.concatenate([joints, shown], 1))
+        shown = o[:, 27:33]  # the hammer's velocities, clipped to [-1, 1]: the penalty is at least theirs
+        estimate = 1e-2 * norm(np.concatenate([joints, shown], axis=1))
+        return np.full(len(o), -np.inf), reward - 1e-2 * norm(shown), distance, reward, estimate
     import mujoco  # relocate_v0.py: palm - object, palm - target, object - target, and the lift test
 
     data, palm_z = mujoco.MjData(model), np.empty(len(o))
@@ -289,34 +291,30 @@ def d4rl_reward_parts(task: str, obs: np.ndarray, next_obs: np.ndarray, terminal
     reward = -0.1 * distance + 10 * (obj_to_target < 0.1) + 20 * (obj_to_target < 0.05)
     lift = 1.0 - 0.5 * to_target - 0.5 * obj_to_target  # added while the object is off the table
     low, high = reward + lift * (height > 0.044), reward + lift * (height > 0.036)  # (the test's 0.04 +- 4 mm)
-    return np.minimum(low, high), np.maximum(low, high), distance, zeros, zeros
+    return np.minimum(low, high), np.maximum(low, high), distance, np.maximum(low, high), zeros
 
 
 def d4rl_rewards(task: str, data: dict, env, dataset_id: str) -> tuple[np.ndarray, str]:
     """D4RL's rewards of a Minari Adroit file's transitions (`data`, transitions()'s), and the form (REWARD_FORMS)
     its rewards are stored in; a MinariError names the first transition whose stored reward fits no form."""
     stored = data["rewards"]
-    low, high, distance, least, estimate = d4rl_reward_parts(task, data["observations"], data["next_observations"],
-                                                             data["terminals"], env)
-    penalty = {form: high + gap * distance - stored for form, gap in REWARD_FORMS.items()}  # (door, hammer)
-    if task in ("door", "hammer"):
-        fits = {form: p >= least - REWARD_TOLERANCE for form, p in penalty.items()}
-    else:
-        fits = {form: (low - REWARD_TOLERANCE <= stored - gap * distance) & (penalty[form] >= -REWARD_TOLERANCE)
-                for form, gap in REWARD_FORMS.items()}
-    forms = [form for form, fit in fits.items() if fit.all()]
-    if forms:
-        form = min(forms, key=lambda f: np.median(np.abs(penalty[f] - estimate)))  # (pen: either, D4RL's)
-        return stored - REWARD_FORMS[form] * distance, form
+    lower, upper, distance, free, estimate = d4rl_reward_parts(task, data["observations"],
+                                                               data["next_observations"], data["terminals"], env)
+    d4rl = {form: stored - gap * distance for form, gap in REWARD_FORMS.items()}  # were the file in that form
+    fits = {form: (lower - REWARD_TOLERANCE <= r) & (r <= upper + REWARD_TOLERANCE) for form, r in d4rl.items()}
+    if forms := [form for form, fit in fits.items() if fit.all()]:  # two only where a velocity penalty hides their
+        form = min(forms, key=lambda f: np.median(np.abs(free - d4rl[f] - estimate)))  # gap: its penalties decide
+        return d4rl[form], form
     neither = ~np.logical_or.reduce(list(fits.values()))
-    row = int(np.argmax(neither)) if neither.any() else int(np.argmax(~fits[max(fits, key=lambda f: fits[f].sum())]))
-    expected = ", ".join(f"{form}'s " + (f"{low[row] + gap * distance[row]:.6g}" if low[row] == high[row] and task in
-                                         ("pen", "relocate") else f"{low[row] + gap * distance[row]:.6g} to "
-                                         f"{high[row] + gap * distance[row]:.6g}" if task == "relocate" else
-                                         f"at most {high[row] + gap * distance[row] - least[row]:.6g}")
+    row = int(np.argmax(neither if neither.any() else ~fits[max(fits, key=lambda f: fits[f].sum())]))
+
+    def span(low, high):
+        return f"{high:.6g}" if low == high else f"at most {high:.6g}" if low == -np.inf else f"{low:.6g} to {high:.6g}"
+
+    expected = ", ".join(f"{form}'s {span(lower[row] + gap * distance[row], upper[row] + gap * distance[row])}"
                          for form, gap in REWARD_FORMS.items())
     raise MinariError(f"{dataset_id}: the stored reward of transition {row} ({stored[row]:.6g}) fits no known form "
-                      f"(from its next observation: {expected}); " + ("its rows do not all hold one form" if not
+                      f"(from its observations: {expected}); " + ("its rows do not all hold one form" if not
                       neither.any() else "the file is not a D4RL Adroit dataset as Minari makes them"))
 
 
