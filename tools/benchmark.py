@@ -233,12 +233,14 @@ def evaluation_rows(args: Args, device: torch.device) -> list[list[str]]:
         policy = getattr(script, "eval_actions", script.sample_actions)  # an older checkout: eval_actions
         policy = torch.compile(policy, dynamic=True) if compiled else policy
         if compiled:
-            script.evaluate(agent, pools[num_envs], 2 * num_envs, agent_args, seed=10_000, step=1, policy=policy)  # compiles
+            script.evaluate(agent, pools[num_envs], 2 * num_envs, agent_args, seed=10_000, step=1,
+                            policy=policy)  # compiles
         runs.append((script, agent, agent_args, policy, []))
     for _ in range(args.eval_rounds):
         for (num_envs, *_), (script, agent, agent_args, policy, seconds) in zip(rows, runs):
             start = time.perf_counter()
-            result = script.evaluate(agent, pools[num_envs], args.eval_episodes, agent_args, seed=0, step=1, policy=policy)[0]
+            result = script.evaluate(agent, pools[num_envs], args.eval_episodes, agent_args, seed=0, step=1,
+                                     policy=policy)[0]
             seconds.append(time.perf_counter() - start)
             assert result["episode.length"] == 200  # untrained: every episode runs to the time limit
     out = []
