@@ -70,3 +70,19 @@ def test_readme_recipe_table_is_the_generated_one():
     assert readme.count("| --discount |") == 1  # one copy
     for script in ROOT.glob("deflow_*.py"):
         assert "0.995" not in script.read_text(), f"{script.name} repeats a recipe"
+
+
+def test_a_missing_extra_requirement_is_one_line_naming_the_install(monkeypatch, capsys):
+    """The tools and D4RL need requirements-extra.txt; without it, one line says how to install it."""
+    import sys
+
+    from common import d4rl
+    from common.datasets import DatasetError
+    from tools import require
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
+    with pytest.raises(SystemExit, match=r"submitit is missing; .* pip install -r requirements-extra.txt"):
+        require("submitit")
+    monkeypatch.setitem(sys.modules, "minari", None)
+    with pytest.raises(DatasetError, match=r"pip install -r requirements-extra.txt"):
+        d4rl._load("D4RL/pen/cloned-v2")
