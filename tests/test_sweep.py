@@ -202,6 +202,9 @@ def test_official_runs_plot_beside_this_codes(small_sweep, tmp_path):
     assert (difference["low"], difference["high"]) == pytest.approx((ours.mean() - theirs.mean() - half,
                                                                      ours.mean() - theirs.mean() + half))
     assert "Differences between groups" in (tmp_path / "out" / "results.md").read_text()
+    (run / "eval.csv").write_text("evaluation/success,evaluation/episode.return,step\n0.0,-200.0,1\n")  # unfinished
+    plot.main(plot.Args(folders=(str(official),), out=str(tmp_path / "partial")))
+    assert "1: 0 (at 1)" in (tmp_path / "partial" / "results.md").read_text()  # not mistaken for a final score
 
 
 def test_one_seed_has_no_spread():

@@ -10,7 +10,7 @@ Runs of the official JAX code (a folder with its flags.json and eval.csv, as its
 The score is evaluation/episode.normalized_return (D4RL) or evaluation/success x 100 (OGBench). Curves: the mean
 over seeds with a 95% confidence band (Student t over seeds, cut at the scores' range) and each seed faintly, one
 panel per environment (the 5 tasks of an OGBench
-dataset averaged, as the paper does). Table: the final evaluation of each run; per task and per environment the
+dataset averaged, as the paper does). Table: the final evaluation of each run (one that ended before the others, e.g. still running, marked with its update); per task and per environment the
 mean +- standard deviation over seeds (an environment's score per seed is the mean over its tasks; one seed has no
 spread: n/a) and the seed count; per environment, each pair of groups' difference of means with a 95% Welch interval
 (scipy.stats.ttest_ind); the online gain (o2o against an offline control from the same checkpoints) with a 95% paired
@@ -227,10 +227,11 @@ def final_table(by_group: dict, curves: dict, iqm: bool) -> list[dict]:
     rows = []
     for (label, env_name), runs in sorted(by_group.items()):
         runs = sorted(runs, key=lambda r: r.args["seed"])
+        end = int(max(r.steps[-1] for r in runs))
         rows.append({"group": label, "level": "task", "name": env_name,
-                     **over_seeds(np.array([r.scores[-1] for r in runs])),
-                     "final_step": int(max(r.steps[-1] for r in runs)),
-                     "every_seed": " / ".join(f"{r.args['seed']}: {r.scores[-1]:.0f}" for r in runs)})
+                     **over_seeds(np.array([r.scores[-1] for r in runs])), "final_step": end,
+                     "every_seed": " / ".join(f"{r.args['seed']}: {r.scores[-1]:.0f}"  # a run that ended earlier says so
+                                              + (f" (at {r.steps[-1]})" if r.steps[-1] < end else "") for r in runs)})
     for env, by_label in sorted(curves.items()):
         for label, (steps, per_seed) in sorted(by_label.items()):
             row = {"group": label, "level": "environment", "name": env, **over_seeds(per_seed[:, -1]),
