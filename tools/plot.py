@@ -9,13 +9,14 @@ Runs of the official JAX code (a folder with its flags.json and eval.csv, as its
 
 The score is evaluation/episode.normalized_return (D4RL) or evaluation/success x 100 (OGBench). Curves: the mean
 over seeds with a 95% confidence band (Student t over seeds, cut at the scores' range) and each seed faintly, one
-panel per environment (the 5 tasks of an OGBench
-dataset averaged, as the paper does). Table: the final evaluation of each run (one that ended before the others, e.g. still running, marked with its update); per task and per environment the
-mean +- standard deviation over seeds (an environment's score per seed is the mean over its tasks; one seed has no
-spread: n/a) and the seed count; per environment, each pair of groups' difference of means with a 95% Welch interval
-(scipy.stats.ttest_ind); the online gain (o2o against an offline control from the same checkpoints) with a 95% paired
-t interval over seeds. --iqm adds the interquartile mean over all runs of an environment with a 95% bootstrap interval (Agarwal et
-al. 2021), computed with scipy.stats (trim_mean, bootstrap). Written by hand: only the grouping and the averaging.
+panel per environment (the 5 tasks of an OGBench dataset averaged, as the paper does). Table: the final evaluation
+of each run (one that ended before the others, e.g. still running, marked with its update); per task and per
+environment the mean +- standard deviation over seeds (an environment's score per seed is the mean over its tasks;
+one seed has no spread: n/a) and the seed count; per environment, each pair of groups' difference of means with a
+95% Welch interval (scipy.stats.ttest_ind); the online gain (o2o against an offline control from the same
+checkpoints) with a 95% paired t interval over seeds. --iqm adds the interquartile mean over all runs of an
+environment with a 95% bootstrap interval (Agarwal et al. 2021), computed with scipy.stats (trim_mean, bootstrap).
+Written by hand: only the grouping and the averaging.
 """
 
 from __future__ import annotations
