@@ -231,7 +231,7 @@ def final_table(by_group: dict, curves: dict, iqm: bool) -> list[dict]:
         end = int(max(r.steps[-1] for r in runs))
         rows.append({"group": label, "level": "task", "name": env_name,
                      **over_seeds(np.array([r.scores[-1] for r in runs])), "final_step": end,
-                     "every_seed": " / ".join(f"{r.args['seed']}: {r.scores[-1]:.0f}"  # a run that ended earlier says so
+                     "every_seed": " / ".join(f"{r.args['seed']}: {r.scores[-1]:.0f}"  # one that ended early says so
                                               + (f" (at {r.steps[-1]})" if r.steps[-1] < end else "") for r in runs)})
     for env, by_label in sorted(curves.items()):
         for label, (steps, per_seed) in sorted(by_label.items()):
