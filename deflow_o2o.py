@@ -31,8 +31,8 @@ from tqdm import tqdm
 from common.datasets import DatasetError, load_env_and_datasets
 from common.envs import make_eval_envs
 from common.online import buffer_state, episode_state, load_buffer_state, resume_episode
-from common.runs import NonFiniteWatch, RunLog, check_compiler, parse_args, restore, rng_state
-from common.runs import save_checkpoint
+from common.runs import Checkpoints, NonFiniteWatch, RunLog, check_compiler, configure_precision
+from common.runs import parse_args
 
 
 @dataclasses.dataclass
@@ -86,8 +86,9 @@ class Args:
     """write the first --video-episodes episodes of each evaluation to <run>/videos/"""
     video_episodes: int = 1
     """evaluation episodes recorded by --capture-video (the first ones, at most --eval-envs)"""
-    save_interval: int = 1_000_000
-    """write checkpoint.pt every this many updates and at the end (0: at the end only)"""
+    save_interval: Optional[int] = None
+    """write checkpoint.pt every this many updates (None: a tenth of the run), at least every 30
+    minutes and at the end (0: at the end only)"""
     lr: float = 3e-4
     """Adam learning rate (log_alpha's too)"""
     batch_size: int = 256
@@ -126,8 +127,9 @@ class Args:
     """freeze the BC flow online (no loss, no gradient, no Adam step); the rest keeps learning"""
     compile: bool = True
     """torch.compile the losses (CUDA graphs on CUDA); --no-compile: the eager reference code"""
-    precision: Literal["float32", "bf16-rollouts", "bf16"] = "float32"
-    """bfloat16 matmuls in the no-gradient rollouts or everywhere (pays where bfloat16 is native)"""
+    precision: Literal["tf32", "float32", "bf16-rollouts", "bf16"] = "tf32"
+    """tf32: float32, matmuls and convolutions in TF32 on CUDA (as JAX); float32: strict; bf16:
+    bfloat16 matmuls in the no-gradient rollouts or everywhere (pays where bfloat16 is native)"""
 
 
 # Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer,
@@ -207,9 +209,11 @@ class Critic(nn.Module):
         layers.append(EnsembleLinear(members, in_dim, 1))
         self.members, self.net = members, nn.Sequential(*layers)
 
-    def forward(self, obs, actions):  # (B, obs_dim), (B, A) -> (2, B)
+    def forward(self, obs, actions):  # (B, obs_dim), (B, A) -> (2, B), float32 also under bf16
         x = torch.cat([obs, actions], dim=-1)
-        return self.net(x.expand(self.members, *x.shape)).squeeze(-1)
+        x = self.net[:-1](x.expand(self.members, *x.shape))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.net[-1](x.float()).squeeze(-1)
 
 
 class DeFlowAgent(nn.Module):
@@ -301,7 +305,7 @@ def deflow_losses(agent, batch, draws, args, train_flow=True):
         bc_flow_loss = flow_matching_loss(agent.flow, obs, actions, draws["x_0"], draws["t"])
 
     refinement = agent.refine(obs, base_actions)  # a_base has no gradient: none reaches the flow
-    distill_loss = refinement.square().mean()  # mean over batch and action dimensions
+    distill_loss = refinement.float().square().mean()  # mean over batch and action dimensions
     if args.use_lagrange:
         alpha = agent.log_alpha.exp()
         alpha_loss = -(agent.log_alpha * (distill_loss.detach() - args.target_divergence)).sum()
@@ -455,6 +459,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     auto_device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto_device if args.device == "auto" else args.device)
+    configure_precision(args.precision, device)
 
     try:
         env, train_np, val_np = load_env_and_datasets(
@@ -490,7 +495,8 @@ if __name__ == "__main__":
     # by SeedSequence([seed, 0, 0]); evaluation: [seed, update, j]): logging never steers training.
     log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]
     log_rng = torch.Generator(device).manual_seed(int(log_seed))
-    start_step = restore(checkpoint, args.resume, agent, optimizer, log_rng) if checkpoint else 1
+    checkpoints = Checkpoints(args, args.offline_steps + args.online_steps, train_np["actions"])
+    start_step = checkpoints.restore(checkpoint, agent, optimizer, log_rng) if checkpoint else 1
     if from_offline and start_step - 1 > args.offline_steps:
         sys.exit(f"error: {args.resume} is at update {start_step - 1}, past --offline-steps "
                  f"{args.offline_steps}; give --offline-steps {start_step - 1} to go online there")
@@ -553,7 +559,7 @@ if __name__ == "__main__":
                                        "exploration/episodes": episode.started}
         is_end = step in (args.offline_steps, total_steps)  # the end of each phase
         is_log_step = is_end or args.log_interval > 0 and step % args.log_interval == 0
-        is_save_step = is_end or args.save_interval > 0 and step % args.save_interval == 0
+        is_save_step = checkpoints.due(step, is_end)
         if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
         batch = draw_batch(buffer, train_data, args.batch_size, online)
@@ -587,10 +593,8 @@ if __name__ == "__main__":
             shown = ", ".join(f"{k} {v:.3g}" for k, v in eval_metrics.items())
             tqdm.write(f"step {step}: evaluation/{shown}")
         if is_save_step:
-            save_checkpoint(run.dir / "checkpoint.pt", {
-                "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(log_rng),
-                "buffer": buffer_state(buffer), "episode": episode_state(episode, action_dim)})
+            checkpoints.save(run.dir, step, agent, optimizer, log_rng, buffer=buffer_state(buffer),
+                             episode=episode_state(episode, action_dim))
         if step == args.offline_steps < total_steps:
             frozen = ", the BC flow frozen" if args.fix_bc_flow_online else ""
             tqdm.write(f"step {step}: offline phase done; {args.online_steps} online steps{frozen}")

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError
 from common.envs import make_eval_envs
-from common.runs import NonFiniteWatch, RunLog, check_compiler, parse_args, restore, rng_state
-from common.runs import save_checkpoint
+from common.runs import Checkpoints, NonFiniteWatch, RunLog, check_compiler, configure_precision
+from common.runs import parse_args
 from common.visual import load_visual_datasets
 
 
@@ -83,8 +83,9 @@ class Args:
     """write the first --video-episodes episodes of each evaluation to <run>/videos/"""
     video_episodes: int = 1
     """evaluation episodes recorded by --capture-video (the first ones, at most --eval-envs)"""
-    save_interval: int = 500_000
-    """write checkpoint.pt every this many updates and at the end (0: at the end only)"""
+    save_interval: Optional[int] = None
+    """write checkpoint.pt every this many updates (None: a tenth of the run), at least every 30
+    minutes and at the end (0: at the end only)"""
     frame_stack: int = 3
     """frames on the channel axis (dataset: clamped at episode starts; env: reset frame repeated)"""
     p_aug: float = 0.5
@@ -125,8 +126,9 @@ class Args:
     """divide the Q loss by mean|Q| (every official recipe sets it)"""
     compile: bool = True
     """torch.compile the losses (CUDA graphs on CUDA); --no-compile: the eager reference code"""
-    precision: Literal["float32", "bf16-rollouts", "bf16"] = "float32"
-    """bfloat16 matmuls in the no-gradient rollouts or everywhere (pays where bfloat16 is native)"""
+    precision: Literal["tf32", "float32", "bf16-rollouts", "bf16"] = "tf32"
+    """tf32: float32, matmuls and convolutions in TF32 on CUDA (as JAX); float32: strict; bf16:
+    bfloat16 matmuls in the no-gradient rollouts or everywhere (pays where bfloat16 is native)"""
 
 
 # Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer,
@@ -256,9 +258,11 @@ class Critic(nn.Module):
         layers.append(EnsembleLinear(members, in_dim, 1))
         self.members, self.net = members, nn.Sequential(*layers)
 
-    def forward(self, obs, actions):  # (B, obs_dim), (B, A) -> (2, B)
+    def forward(self, obs, actions):  # (B, obs_dim), (B, A) -> (2, B), float32 also under bf16
         x = torch.cat([obs, actions], dim=-1)
-        return self.net(x.expand(self.members, *x.shape)).squeeze(-1)
+        x = self.net[:-1](x.expand(self.members, *x.shape))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.net[-1](x.float()).squeeze(-1)
 
 
 class DeFlowAgent(nn.Module):
@@ -362,7 +366,7 @@ def deflow_losses(agent, batch, draws, args):
     bc_flow_loss = flow_matching_loss(agent.flow, flow_features, actions, draws["x_0"], draws["t"])
 
     refinement = agent.refine(agent.refine_encoder(obs), base_actions)  # a_base has no gradient
-    distill_loss = refinement.square().mean()  # mean over batch and action dimensions
+    distill_loss = refinement.float().square().mean()  # mean over batch and action dimensions
     if args.use_lagrange:
         alpha = agent.log_alpha.exp()
         alpha_loss = -(agent.log_alpha * (distill_loss.detach() - args.target_divergence)).sum()
@@ -505,9 +509,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     auto_device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto_device if args.device == "auto" else args.device)
-    if args.frame_stack < 1 or not 0 <= args.p_aug <= 1:
-        sys.exit(f"error: --frame-stack must be >= 1, --p-aug in [0, 1] (got {args.frame_stack}, "
-                 f"{args.p_aug})")
+    configure_precision(args.precision, device)
 
     try:  # uint8 frames, each once, on the training device (the loader checks the memory first)
         env, train_data, val_data, memory = load_visual_datasets(
@@ -532,7 +534,8 @@ if __name__ == "__main__":
     # by SeedSequence([seed, 0, 0]); evaluation: [seed, update, j]): logging never steers training.
     log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]
     log_rng = torch.Generator(device).manual_seed(int(log_seed))
-    start_step = restore(checkpoint, args.resume, agent, optimizer, log_rng) if checkpoint else 1
+    checkpoints = Checkpoints(args, args.offline_steps, train_data["actions"])  # and the data's fingerprint
+    start_step = checkpoints.restore(checkpoint, agent, optimizer, log_rng) if checkpoint else 1
     run = RunLog(args, checkpoint["step"] if resumed else None)
     print(f"{'resuming' if resumed else 'new run'} {run.dir} at step {start_step}: {memory}, "
           f"{len(train_data['valid'])} transitions, images {'x'.join(map(str, image_shape))}, "
@@ -550,7 +553,7 @@ if __name__ == "__main__":
                      total=args.offline_steps, smoothing=0.1, dynamic_ncols=True):
         is_end = step == args.offline_steps
         is_log_step = is_end or args.log_interval > 0 and step % args.log_interval == 0
-        is_save_step = is_end or args.save_interval > 0 and step % args.save_interval == 0
+        is_save_step = checkpoints.due(step, is_end)
         if args.compile:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
         batch = sample_batch(train_data, args.batch_size, args.frame_stack, args.p_aug)
@@ -584,8 +587,6 @@ if __name__ == "__main__":
             shown = ", ".join(f"{k} {v:.3g}" for k, v in eval_metrics.items())
             tqdm.write(f"step {step}: evaluation/{shown}")
         if is_save_step:
-            save_checkpoint(run.dir / "checkpoint.pt", {
-                "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(log_rng)})
+            checkpoints.save(run.dir, step, agent, optimizer, log_rng)
     print(f"done: {run.dir}")
     run.finish()

@@ -35,9 +35,13 @@ def episode_state(episode: SimpleNamespace, action_dim: int) -> dict:
 def resume_episode(env, saved: dict, device) -> SimpleNamespace:
     """A checkpoint's training episode: the environment reset with its seed and its actions repeated (MuJoCo is
     deterministic), its noise stream where it was; where that does not reproduce its state (another machine or
-    MuJoCo version), a new episode, with a warning."""
+    MuJoCo version) or the noise stream was on another device type (CPU <-> CUDA), a new episode, with a line."""
     actions = list(saved["actions"].numpy())
     episode = SimpleNamespace(**{**saved, "obs": None, "noise": None, "actions": actions})
+    if not episode.done and saved["noise"].numel() != torch.Generator(device).get_state().numel():
+        print("note: the interrupted training episode's noise stream was on another device type; starting a new "
+              "episode")
+        episode.done = True
     if not episode.done:
         episode.noise = torch.Generator(device).set_state(saved["noise"])
         episode.obs, _ = env.reset(seed=episode.seed)

@@ -5,29 +5,58 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import tyro
 
 
 def parse_args(args_class, doc: str):
-    """(args, checkpoint or None) from tyro's command line (--help: the first line of `doc`). With --resume, the
-    checkpoint's settings are the defaults flags override, except the run's name when another script wrote it
-    (deflow_o2o.py going online from a deflow_offline.py run): this script's, or --exp-name."""
+    """(args, checkpoint or None) from tyro's command line (--help: the first line of `doc`); a bad count or range is one
+    line. With --resume, the checkpoint's settings are the defaults flags override, but only those of MAY_CHANGE: a
+    run keeps its task, data, seed, networks and method (one line naming the flag, before any file is touched). The
+    run's name is this script's (or --exp-name) when another script wrote it (deflow_o2o.py going online from a
+    deflow_offline.py run)."""
     description = doc.strip().split("\n")[0]
     args = tyro.cli(args_class, description=description)
-    if not args.resume:
-        return args, None
-    checkpoint = load_checkpoint(args.resume)
-    default = dataclasses.replace(saved_args(args_class, checkpoint), resume=args.resume)
-    if checkpoint.get("script", Path(sys.argv[0]).name) != Path(sys.argv[0]).name:
-        default.exp_name = args.exp_name
-    return tyro.cli(args_class, default=default, description=description), checkpoint
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        saved = dataclasses.replace(saved_args(args_class, checkpoint), resume=args.resume)
+        if checkpoint.get("script", Path(sys.argv[0]).name) != Path(sys.argv[0]).name:
+            saved.exp_name = args.exp_name
+        args = tyro.cli(args_class, default=saved, description=description)
+        for name in checkpoint["args"].keys() & {f.name for f in dataclasses.fields(args)} - MAY_CHANGE:
+            if getattr(args, name) != getattr(saved, name):
+                sys.exit(f"error: --{name.replace('_', '-')} cannot change on resume (the run's is "
+                         f"{getattr(saved, name)}, given {getattr(args, name)}): a run keeps its task, data, seed, "
+                         f"networks and method settings; start a new run for other ones")
+    for name, (low, high) in BOUNDS.items():
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, tuple) else [values]:
+            if value is not None and not low <= value <= high:
+                bound = f"at least {low}" if high == float("inf") else f"in [{low}, {high}]"
+                sys.exit(f"error: --{name.replace('_', '-')} must be {bound} (got {value})"
+                         + ("; --eval-interval 0 turns evaluation off" if name == "eval_episodes" else ""))
+    return args, checkpoint
+
+
+# What a resumed run may change: how long and how it runs, where its data and logs are. The rest is fixed.
+MAY_CHANGE = {"resume", "exp_name", "device", "run_dir", "track", "wandb_project_name", "wandb_entity", "dataset_dir",
+              "dataset_path", "generate_episodes", "num_workers", "offline_steps", "online_steps", "log_interval",
+              "eval_interval", "eval_episodes", "eval_envs", "eval_workers", "eval_max_episode_steps", "capture_video",
+              "video_episodes", "save_interval", "compile", "precision", "lr"}
+BOUNDS = {"p_aug": (0, 1), **{name: (1, float("inf")) for name in (  # (low, high) of counts and a probability
+    "eval_episodes eval_envs batch_size flow_steps num_workers buffer_size frame_stack eval_max_episode_steps "
+    "actor_hidden_dims refine_hidden_dims value_hidden_dims encoder_stack_sizes encoder_head_dims").split()},
+    **{name: (0, float("inf")) for name in ("offline_steps online_steps log_interval eval_interval save_interval "
+                                            "video_episodes generate_episodes iav_queries").split()}}
 
 
 def saved_args(args_class, checkpoint: dict):
@@ -55,28 +84,77 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:  # and the script that wrote it (see parse_args)
-    atomic_write(path, lambda f: torch.save({**state, "script": Path(sys.argv[0]).name}, f))
+def data_fingerprint(actions) -> str:
+    """What identifies a run's training data wherever its file lies: its size and a hash of its actions."""
+    array = np.ascontiguousarray(actions.cpu().numpy() if torch.is_tensor(actions) else actions)
+    return f"{len(array)} transitions, actions sha1 {hashlib.sha1(array.tobytes()).hexdigest()[:12]}"
 
 
-def rng_state(log_rng: torch.Generator) -> dict:  # torch's global streams (training) and log_rng (logging)
-    cuda = torch.cuda.get_rng_state(log_rng.device) if log_rng.device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "log": log_rng.get_state()}
+class Checkpoints:
+    """<run>/checkpoint.pt, one file written atomically: every --save-interval updates (None: a tenth of the run, so a
+    killed run loses at most a tenth of its updates), at least every MINUTES minutes, and at the end (--save-interval
+    0: at the end only). It holds the args, the step, the agent, Adam, the random streams and the data's fingerprint;
+    `save(..., **extra)` adds a script's own (deflow_o2o.py: the replay buffer and the training episode)."""
+
+    MINUTES = 30
+
+    def __init__(self, args, total_steps: int, actions):
+        self.args, self.data, self.last = args, data_fingerprint(actions), time.monotonic()
+        self.interval = max(1, total_steps // 10) if args.save_interval is None else args.save_interval
+
+    def due(self, step: int, is_end: bool) -> bool:
+        late = time.monotonic() - self.last > 60 * self.MINUTES
+        if is_end or self.interval and (step % self.interval == 0 or late):
+            self.last = time.monotonic()
+            return True
+        return False
+
+    def save(self, run_dir: Path, step: int, agent, optimizer, log_rng: torch.Generator, **extra) -> None:
+        cuda = torch.cuda.get_rng_state(log_rng.device) if log_rng.device.type == "cuda" else None
+        state = {"args": dataclasses.asdict(self.args), "step": step, "agent": agent.state_dict(),
+                 "optimizer": optimizer.state_dict(), "data": self.data, "script": Path(sys.argv[0]).name,
+                 "rng": {"torch": torch.get_rng_state(), "cuda": cuda, "log": log_rng.get_state()}, **extra}
+        atomic_write(run_dir / "checkpoint.pt", lambda f: torch.save(state, f))
+
+    def restore(self, checkpoint: dict, agent, optimizer, log_rng: torch.Generator) -> int:
+        """Load a checkpoint's agent, Adam (at this --lr) and random streams; return the step to continue from. Random
+        streams are device-specific: from another device type (CPU <-> CUDA) they restart, seeded by (seed, step)."""
+        path, step, rng = self.args.resume, checkpoint["step"], checkpoint["rng"]
+        if checkpoint.get("data", self.data) != self.data:
+            sys.exit(f"error: {path} was trained on other data ({checkpoint['data']}) than given here ({self.data}); "
+                     "resume with the run's dataset (--dataset-path or --dataset-dir)")
+        try:
+            agent.load_state_dict(checkpoint["agent"])
+        except RuntimeError as e:
+            sys.exit(f"error: checkpoint {path} does not fit this environment/network: {' '.join(str(e).split())[:400]}")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if (lr := optimizer.param_groups[0]["lr"]) != self.args.lr:
+            print(f"--lr {self.args.lr:g} replaces the checkpoint's {lr:g}")
+        for group in optimizer.param_groups:
+            group["lr"] = self.args.lr
+        if rng.get("log") is None or rng["log"].numel() == log_rng.get_state().numel():  # the same device type
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and log_rng.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], log_rng.device)
+            if rng.get("log") is not None:  # (older checkpoints have none)
+                log_rng.set_state(rng["log"])
+        else:  # [seed, step, 2**32 - 1]: no evaluation episode's or training episode's words (common.envs, o2o)
+            training, logging = np.random.SeedSequence([self.args.seed, step, 2**32 - 1]).generate_state(2)
+            torch.manual_seed(int(training))
+            log_rng.manual_seed(int(logging))
+            print(f"note: {path} was written on another device type ({'CUDA' if rng['log'].numel() < 100 else 'CPU'})"
+                  f": random number generator states do not carry over, so training and logging continue from new "
+                  f"streams seeded by (seed, step {step}); everything else continues exactly")
+        return step + 1
 
 
-def restore(checkpoint: dict, path: str, agent: torch.nn.Module, optimizer, log_rng: torch.Generator) -> int:
-    """Load a checkpoint's agent, optimizer and random streams (rng_state); return the step to continue from."""
-    try:
-        agent.load_state_dict(checkpoint["agent"])
-    except RuntimeError as e:
-        sys.exit(f"error: checkpoint {path} does not fit this environment/network: {' '.join(str(e).split())[:400]}")
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"].get("cuda") is not None and log_rng.device.type == "cuda":
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], log_rng.device)
-    if checkpoint["rng"].get("log") is not None:  # (older checkpoints have none)
-        log_rng.set_state(checkpoint["rng"]["log"])
-    return checkpoint["step"] + 1
+def configure_precision(precision: str, device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (JAX's default on GPUs) unless --precision float32; prints the choice."""
+    tf32 = device.type == "cuda" and precision != "float32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    bf16 = {"bf16-rollouts": "rollouts' matmuls in bfloat16, the rest ", "bf16": "matmuls in bfloat16, the rest "}
+    rest = "TF32 matmuls and convolutions (as JAX on a GPU; --precision float32: strict)" if tf32 else "strict float32"
+    print(f"--precision {precision} on {device}: {bf16.get(precision, '')}{rest}")
 
 
 def run_name_of(env_name: str) -> str:  # the environment's part of a run folder's name

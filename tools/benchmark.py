@@ -6,8 +6,9 @@
 It measures, in one run, and writes the tables to --out (docs/speed.md shows them):
   - Training: updates/s of deflow_offline.py's training iteration (batch draw, noise, losses, backward, target EMA,
     Adam) at each --widths (4 hidden layers in every network, batch 256, 10 flow steps, cube-single's 28-dim
-    observations and 5-dim actions, random data): eager, --compile, and --compile with --precision bf16-rollouts and
-    bf16 (where bfloat16 is native: CUDA, or a CPU with AVX-512 BF16 or AMX); with --baseline, that checkout's eager
+    observations and 5-dim actions, random data): eager, --compile (the default --precision tf32: TF32 matmuls on
+    CUDA), on CUDA also --compile with strict float32, and --compile with --precision bf16-rollouts and bf16 (where
+    bfloat16 is native: CUDA, or a CPU with AVX-512 BF16 or AMX); with --baseline, that checkout's eager
     and --compile as well. The variants run interleaved, a block of updates each in turn for --rounds rounds, so
     that a slow spell of a shared machine hits them alike. Each cell is
     the median block; a ratio is the median of the per-round ratios to the first column. Compilation is excluded
@@ -91,8 +92,9 @@ def load_baseline(path: str):
     return module
 
 
-def make_step(script, width: int, device: torch.device, compiled: bool, precision: str = "float32"):
-    """A fresh agent of `width` and a function doing one training iteration on it, as the script's main loop does."""
+def make_step(script, width: int, device: torch.device, compiled: bool, precision: str = "tf32"):
+    """A fresh agent of `width` and a function doing one training iteration on it, as the script's main loop does
+    (with its --precision's TF32 setting on CUDA: the variants take turns)."""
     torch.manual_seed(0)
     hidden = (width,) * 4
     args = dataclasses.replace(script.Args(), actor_hidden_dims=hidden, refine_hidden_dims=hidden,
@@ -104,12 +106,13 @@ def make_step(script, width: int, device: torch.device, compiled: bool, precisio
         optimizer = torch.optim.Adam(params, lr=args.lr)
         step_fn = torch.compile(script.train_step, mode=mode) if compiled else script.train_step
         return lambda data: step_fn(agent, optimizer, data, args), agent, args, optimizer
-    args.precision = precision
+    args.precision, tf32 = precision, device.type == "cuda" and precision != "float32"
     batch_size = args.batch_size
     optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)
     losses = torch.compile(script.deflow_losses, mode=mode) if compiled else script.deflow_losses
 
     def step(data):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
         return script.update(agent, optimizer, script.sample_batch(data, batch_size), args, losses=losses)
@@ -157,15 +160,17 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def training_rows(args: Args, device: torch.device, baseline) -> tuple[list[str], list[list[str]], list[list[str]]]:
-    variants = [("eager", deflow_offline, False, "float32"), ("--compile", deflow_offline, True, "float32")]
+    variants = [("eager", deflow_offline, False, "tf32"), ("--compile", deflow_offline, True, "tf32")]
+    if device.type == "cuda":  # TF32 is the default there (as JAX's); this is --precision float32
+        variants.append(("--compile, strict float32", deflow_offline, True, "float32"))
     if native_bf16(device):
         variants += [("--compile, bf16-rollouts", deflow_offline, True, "bf16-rollouts"),
                      ("--compile, bf16", deflow_offline, True, "bf16")]
     if args.tricks:
-        variants += [("--compile, plain GELU", with_trick("plain-gelu"), True, "float32"),
-                     ("--compile, first layer split", with_trick("split"), True, "float32")]
+        variants += [("--compile, plain GELU", with_trick("plain-gelu"), True, "tf32"),
+                     ("--compile, first layer split", with_trick("split"), True, "tf32")]
     if baseline is not None:
-        variants = [("baseline eager", baseline, False, "float32"), ("baseline --compile", baseline, True, "float32"),
+        variants = [("baseline eager", baseline, False, "tf32"), ("baseline --compile", baseline, True, "tf32"),
                     *variants]
     g = torch.Generator().manual_seed(0)
     n = 100_000
