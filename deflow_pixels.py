@@ -84,8 +84,7 @@ class Args:
     video_episodes: int = 1
     """evaluation episodes recorded by --capture-video (the first ones, at most --eval-envs)"""
     save_interval: Optional[int] = None
-    """write checkpoint.pt every this many updates (None: a tenth of the run), at least every 30
-    minutes and at the end (0: at the end only)"""
+    """checkpoint.pt every N updates (None: a tenth of the run; 0: end only), 30 min and the end"""
     frame_stack: int = 3
     """frames on the channel axis (dataset: clamped at episode starts; env: reset frame repeated)"""
     p_aug: float = 0.5
@@ -127,8 +126,8 @@ class Args:
     compile: bool = True
     """torch.compile the losses (CUDA graphs on CUDA); --no-compile: the eager reference code"""
     precision: Literal["tf32", "float32", "bf16-rollouts", "bf16"] = "tf32"
-    """tf32: float32, matmuls and convolutions in TF32 on CUDA (as JAX); float32: strict; bf16:
-    bfloat16 matmuls in the no-gradient rollouts or everywhere (pays where bfloat16 is native)"""
+    """tf32: float32 with TF32 matmuls on CUDA (as JAX); float32: strict; bf16-rollouts, bf16:
+    bfloat16 matmuls in the no-gradient rollouts or everywhere (where bfloat16 is native)"""
 
 
 # Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer,
@@ -534,7 +533,7 @@ if __name__ == "__main__":
     # by SeedSequence([seed, 0, 0]); evaluation: [seed, update, j]): logging never steers training.
     log_seed = np.random.SeedSequence([args.seed, 0, 0]).generate_state(1)[0]
     log_rng = torch.Generator(device).manual_seed(int(log_seed))
-    checkpoints = Checkpoints(args, args.offline_steps, train_data["actions"])  # and the data's fingerprint
+    checkpoints = Checkpoints(args, args.offline_steps, train_data["actions"])
     start_step = checkpoints.restore(checkpoint, agent, optimizer, log_rng) if checkpoint else 1
     run = RunLog(args, checkpoint["step"] if resumed else None)
     print(f"{'resuming' if resumed else 'new run'} {run.dir} at step {start_step}: {memory}, "
