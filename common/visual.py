@@ -60,6 +60,17 @@ def _kept_frames(terminals: np.ndarray, fraction: float) -> int:
     return int(ends[max(1, int(np.ceil(fraction * len(ends)))) - 1])
 
 
+def episode_starts(terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, valid) of a file's frames from its terminals (1 on the last frame of each episode): each frame's
+    episode's first frame, and the frames with a next frame in their episode (the transitions t -> t + 1)."""
+    terminals = terminals.astype(bool)
+    terminals[-1] = True  # (the file's last frame ends an episode, whatever it says)
+    first = np.concatenate([[0], np.flatnonzero(terminals[:-1]) + 1])
+    starts = np.zeros(len(terminals), dtype=np.int64)
+    starts[first] = first
+    return np.maximum.accumulate(starts), np.flatnonzero(~terminals)
+
+
 def load_visual_datasets(env_name: str, device, dataset_dir: str = "~/.ogbench/data", dataset_path: str | None = None,
                          generate_episodes: int = 0, num_workers: int = 1, fraction: float = 1.0):
     """Return (env, train, val, report) for a visual-* task; train and val are dicts of tensors on `device`:
@@ -112,18 +123,12 @@ def load_visual_datasets(env_name: str, device, dataset_dir: str = "~/.ogbench/d
             relabel_dataset(single_task_gym_id(env_name), env, raw)  # OGBench's rewards and masks for the task
             actions = np.clip(_read_rows(path, "actions", n), -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
             check_finite({"actions": actions, "rewards": raw["rewards"]}, str(path))
-            terminals = raw["terminals"].astype(bool)  # 1 on the last frame of each episode
-            terminals[-1] = True  # (the file's last frame ends an episode, whatever it says)
-            first = np.concatenate([[0], np.flatnonzero(terminals[:-1]) + 1])  # each episode's first frame
-            starts = np.zeros(n, dtype=np.int64)
-            starts[first] = first
-            starts = np.maximum.accumulate(starts)
+            starts, valid = episode_starts(raw["terminals"])
             as_tensor = lambda x, dtype: torch.as_tensor(np.asarray(x), dtype=dtype, device=device)  # noqa: E731
             data[split] = {"frames": frames, "actions": as_tensor(actions, torch.float32),
                            "rewards": as_tensor(raw["rewards"], torch.float32),
                            "masks": as_tensor(raw["masks"], torch.float32),
-                           "starts": as_tensor(starts, torch.long), "valid": as_tensor(np.flatnonzero(~terminals),
-                                                                                         torch.long)}
+                           "starts": as_tensor(starts, torch.long), "valid": as_tensor(valid, torch.long)}
     except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as e:
         raise DatasetError(
             f"dataset {train_path} (or its -val file) is corrupt or not an OGBench dataset "

@@ -77,6 +77,16 @@ def test_policy_adds_refinement_and_clips():
     assert actions.shape == (9, 2) and torch.all(actions == 1.0)
 
 
+def test_q_loss_takes_the_refined_action_clipped():
+    """The actor's Q term evaluates the critic at clip(a_base + f(s, a_base), -1, 1): with a huge refinement, at 1."""
+    agent, args = tiny_agent()
+    with torch.no_grad():
+        agent.refine.net[-1].bias.fill_(10.0)
+    batch = random_batch()
+    _, m = losses_of(agent, batch, args)
+    torch.testing.assert_close(m["actor/q"], agent.critic(batch["observations"], torch.ones(32, 2)).mean())
+
+
 def test_networks_follow_flax_conventions():
     net = mlp(4, (8, 8), 1, layer_norm=True)
     kinds = [type(m).__name__ for m in net]
