@@ -54,7 +54,7 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
-from common.datasets import ACTION_CLIP_EPS, DatasetError, check_finite
+from common import DatasetError
 
 ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 ADROIT = tuple(f"{task}/{kind}" for task in ("pen", "door", "hammer", "relocate")
@@ -384,14 +384,12 @@ def transitions(episodes, offset: float, keys: tuple[str, ...] | None = None,
 
 
 def load_env_and_datasets(dataset_id: str, dataset_path: str | None = None, generate_episodes: int = 0):
-    """(env, train, None): the evaluation environment and the transitions (module docstring), actions clipped to
-    [-1 + 1e-5, 1 - 1e-5] as for OGBench; D4RL has no validation split."""
+    """(env, train, None): the evaluation environment and the transitions (module docstring); D4RL has no
+    validation split. (common.datasets clips the actions and checks the values, as for OGBench.)"""
     if dataset_path is not None or generate_episodes:
         raise DatasetError(f"{dataset_id} is a Minari dataset: --dataset-path and --generate-episodes are for OGBench; "
                            "Minari datasets are looked for in $MINARI_DATASETS_PATH (~/.minari/datasets)")
     env, train = load_env_and_dataset(dataset_id)
-    train["actions"] = np.clip(train["actions"], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
-    check_finite(train, f"Minari dataset {dataset_id}")
     return env, train, None
 
 

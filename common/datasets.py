@@ -1,6 +1,6 @@
 """OGBench single-task environments and their datasets, with errors that say how to fix them. A downloaded file
-and a generated one (tools/generate.py) go through `ogbench.make_env_and_datasets`, which relabels rewards and masks
-for the task; actions are clipped to [-1 + 1e-5, 1 - 1e-5], as officially. D4RL ids go to common/d4rl.py."""
+and a generated one (common/generate.py) go through `ogbench.make_env_and_datasets`, which relabels rewards and masks
+for the task; D4RL ids go to common/d4rl.py. Actions are clipped to [-1 + 1e-5, 1 - 1e-5], as officially."""
 
 from __future__ import annotations
 
@@ -11,19 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common import DatasetError, dataset_name_of  # noqa: F401  (DatasetError: the scripts import it from here)
+
 ACTION_CLIP_EPS = 1e-5
 FAMILIES = ("antmaze", "humanoidmaze", "antsoccer", "pointmaze", "cube", "scene", "puzzle")
 KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
-
-
-class DatasetError(RuntimeError):
-    """A problem with the environment name or the dataset; the message says how to fix it."""
-
-
-def dataset_name_of(env_name: str) -> str:
-    """'cube-single-play-singletask-task2-v0' -> 'cube-single-play-v0' (the file every task of it shares)."""
-    parts = env_name.split("-")
-    return "-".join(parts[: parts.index("singletask")] + parts[-1:] if "singletask" in parts else parts)
 
 
 def generation_command(env_name: str, out: str) -> str:
@@ -81,9 +73,12 @@ def resolve_files(env_name: str, dataset_dir: str, dataset_path: str | None, gen
         if train.suffix != ".npz":
             raise DatasetError(f"--dataset-path must be a .npz file (got {train})")
         if not (train.exists() and val_path(train).exists()) and generate_episodes > 0:
-            from tools.generate import generate_missing
+            from common.generate import generate_missing
 
-            generate_missing(env_name, generate_episodes, train, num_workers)
+            try:
+                generate_missing(env_name, generate_episodes, train, num_workers)
+            except ValueError as e:  # no oracle for this dataset: the message says what to do instead
+                raise DatasetError(str(e)) from None
         if missing := [p for p in (train, val_path(train)) if not p.exists()]:
             raise DatasetError(f"dataset file {missing[0]} does not exist. Generate it locally (no internet needed) "
                                f"with\n    {generation_command(env_name, str(train))}\nor add --generate-episodes N "
@@ -138,7 +133,19 @@ def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", d
     if "/" in env_name:
         from common import d4rl
 
-        return d4rl.load_env_and_datasets(env_name, dataset_path, generate_episodes)
+        env, train, val = d4rl.load_env_and_datasets(env_name, dataset_path, generate_episodes)
+        sources = [f"Minari dataset {env_name}"]
+    else:
+        env, train, val, sources = load_ogbench(env_name, dataset_dir, dataset_path, generate_episodes, num_workers)
+    for data, source in zip((train, val), sources):
+        data["actions"] = np.clip(data["actions"], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
+        for k in [k for k in data if k not in KEYS]:
+            del data[k]
+        check_finite(data, source)
+    return env, train, val
+
+
+def load_ogbench(env_name: str, dataset_dir: str, dataset_path: str | None, generate_episodes: int, num_workers: int):
     import ogbench
 
     env = make_env(env_name)  # fails on a bad name before touching any file
@@ -155,9 +162,4 @@ def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", d
     except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as e:
         raise DatasetError(f"dataset {train_path} (or its -val file) is corrupt or not an OGBench dataset "
                            f"({type(e).__name__}: {e}). Delete it and make it again:\n    {regenerate}") from None
-    for data, path in ((train, train_path), (val, val_path(train_path))):
-        data["actions"] = np.clip(data["actions"], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
-        for k in [k for k in data if k not in KEYS]:
-            del data[k]
-        check_finite(data, str(path))
-    return env, train, val
+    return env, train, val, [str(train_path), str(val_path(train_path))]

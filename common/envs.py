@@ -1,11 +1,14 @@
-"""Evaluation environments side by side on gymnasium.vector, autoreset off: evaluate() resets each episode with a seed
-of its own (reset(seed=[...], options={"reset_mask": ...})); one with no episode left to run is parked."""
+"""Evaluation environments side by side on gymnasium.vector, autoreset off, and the bookkeeping of the episodes run on
+them (EvaluationEpisodes): each resets with a seed of its own (reset(seed=[...], options={"reset_mask": ...})); an
+environment with no episode left to run is parked."""
 
 from __future__ import annotations
 
 import ctypes
 
 import gymnasium
+import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode
 
 from common.datasets import make_env
@@ -69,3 +72,55 @@ def make_eval_envs(env_name: str, num_envs: int, workers: bool = False, max_epis
         envs = gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
     memory = sum(resident_gb(p.pid) for p in envs.processes) if workers else resident_gb() - before
     return envs, f"{num_envs} evaluation environments side by side {where} ({memory:.2f} GB resident)"
+
+
+class EvaluationEpisodes:
+    """`num_episodes` episodes on `envs` (make_eval_envs's), envs.num_envs at a time, each started as soon as an
+    environment is free. Episode j resets with the seed, and draws its policy noise (*noise_shape, A) from the
+    generator, that SeedSequence([seed, step, j]) gives, whatever runs beside it; the first `video_episodes` are
+    recorded. Iterating gives, once per step, the running episodes' observations and noise (in a fixed order) until
+    all have ended; step(actions) takes their actions in that order. Then metrics() and videos {episode: frames}."""
+
+    def __init__(self, envs, num_episodes: int, seed: int, step: int, video_episodes: int = 0, noise_shape=()):
+        self.envs, self.words, self.noise_shape = envs, [seed, step], (*noise_shape, *envs.single_action_space.shape)
+        self.todo, self.running, self.results, self.videos = iter(range(num_episodes)), {}, [], {}
+        self.free, self.record = np.ones(envs.num_envs, dtype=bool), np.arange(envs.num_envs) < video_episodes
+
+    def __iter__(self):
+        while True:
+            seeds = [None] * self.envs.num_envs
+            for i in np.flatnonzero(self.free):  # running: environment -> its episode, in start order
+                if (j := next(self.todo, None)) is not None:
+                    reset_seed, noise_seed = np.random.SeedSequence([*self.words, j]).generate_state(2)
+                    seeds[i] = int(reset_seed)
+                    noise = torch.Generator().manual_seed(int(noise_seed))
+                    self.running[i] = {"episode": j, "noise": noise, "return": 0.0, "length": 0}
+            if not self.running:
+                return
+            if self.free.any():  # a new episode on each free environment; where none is left, park it
+                park = self.free & np.array([s is None for s in seeds])
+                options = {"reset_mask": self.free, "park": park, "record": self.record}
+                self.obs, _ = self.envs.reset(seed=seeds, options=options)
+                self.free[:], self.record[:] = False, False
+            noise = [torch.randn(self.noise_shape, generator=e["noise"]) for e in self.running.values()]
+            yield self.obs[list(self.running)], torch.stack(noise)
+
+    def step(self, actions: np.ndarray) -> None:
+        running = list(self.running)
+        all_actions = np.zeros(self.envs.action_space.shape, dtype=np.float32)  # (parked: ignored)
+        all_actions[running] = actions
+        self.obs, rewards, terminated, truncated, info = self.envs.step(all_actions)
+        for i in running:
+            e = self.running[i]
+            e["return"], e["length"] = e["return"] + rewards[i], e["length"] + 1
+            if terminated[i] or truncated[i]:
+                success = info["success"][i] if "success" in info else np.nan  # at the last step, as OGBench
+                self.results.append((success, e["return"], e["length"]))
+                if "frames" in info and info["_frames"][i]:
+                    self.videos[e["episode"]] = np.stack(info["frames"][i])
+                self.free[i] = True
+                del self.running[i]
+
+    def metrics(self) -> dict:
+        success, episode_return, length = np.mean(self.results, axis=0)
+        return {"success": float(success), "episode.return": float(episode_return), "episode.length": float(length)}

@@ -25,6 +25,23 @@ def load_buffer_state(buffer, state: dict) -> None:
     buffer.num_added = state["num_added"]
 
 
+def new_episode() -> SimpleNamespace:
+    """The training episode before the first: done, and exploration/* not a number yet."""
+    exploration = {f"exploration/{k}": float("nan") for k in ("success", "episode.return", "episode.length")}
+    return SimpleNamespace(done=True, obs=None, seed=None, noise=None, actions=[], ret=0.0, started=0,
+                           exploration={**exploration, "exploration/episodes": 0})
+
+
+def start_episode(env, episode: SimpleNamespace, seed: int, device) -> None:
+    """Training episode k (1, 2, ...) resets, and draws its action noise, from SeedSequence([seed, 0, k]): no run's
+    training episode is another's, an evaluation's ([seed, update, j], update >= 1) or logging's ([seed, 0, 0])."""
+    reset_seed, noise_seed = np.random.SeedSequence([seed, 0, episode.started + 1]).generate_state(2)
+    episode.seed, episode.actions, episode.ret = int(reset_seed), [], 0.0
+    episode.noise = torch.Generator(device).manual_seed(int(noise_seed))
+    episode.obs, _ = env.reset(seed=episode.seed)
+    episode.started += 1
+
+
 def episode_state(episode: SimpleNamespace, action_dim: int) -> dict:
     """The training episode (tensors, not numpy arrays or generators: checkpoints load with weights_only)."""
     return {**vars(episode), "obs": None if episode.obs is None else torch.as_tensor(episode.obs),

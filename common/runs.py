@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -15,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
+from tqdm import tqdm
 
 
 def parse_args(args_class, doc: str):
-    """(args, checkpoint or None) from tyro's command line (--help: the first line of `doc`); a bad count or range is one
-    line. With --resume, the checkpoint's settings are the defaults flags override, but only those of MAY_CHANGE: a
-    run keeps its task, data, seed, networks and method (one line naming the flag, before any file is touched). The
+    """(args, checkpoint or None) from tyro's command line (--help: the first line of `doc`); a bad count or range is
+    one line. With --resume, the checkpoint's settings are the defaults flags override, but only those of MAY_CHANGE:
+    a run keeps its task, data, seed, networks and method (one line naming the flag, before any file is touched). The
     run's name is this script's (or --exp-name) when another script wrote it (deflow_o2o.py going online from a
     deflow_offline.py run)."""
     description = doc.strip().split("\n")[0]
@@ -98,8 +100,9 @@ class Checkpoints:
 
     MINUTES = 30
 
-    def __init__(self, args, total_steps: int, actions):
+    def __init__(self, args, actions):
         self.args, self.data, self.last = args, data_fingerprint(actions), time.monotonic()
+        total_steps = args.offline_steps + getattr(args, "online_steps", 0)
         self.interval = max(1, total_steps // 10) if args.save_interval is None else args.save_interval
 
     def due(self, step: int, is_end: bool) -> bool:
@@ -126,7 +129,8 @@ class Checkpoints:
         try:
             agent.load_state_dict(checkpoint["agent"])
         except RuntimeError as e:
-            sys.exit(f"error: checkpoint {path} does not fit this environment/network: {' '.join(str(e).split())[:400]}")
+            sys.exit(f"error: checkpoint {path} does not fit this environment/network: "
+                     f"{' '.join(str(e).split())[:400]}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         if (lr := optimizer.param_groups[0]["lr"]) != self.args.lr:
             print(f"--lr {self.args.lr:g} replaces the checkpoint's {lr:g}")
@@ -148,13 +152,41 @@ class Checkpoints:
         return step + 1
 
 
-def configure_precision(precision: str, device: torch.device) -> None:
-    """TF32 matmuls and convolutions on CUDA (JAX's default on GPUs) unless --precision float32; prints the choice."""
-    tf32 = device.type == "cuda" and precision != "float32"
+def start(args) -> torch.device:
+    """Seed python, numpy and torch with --seed; MuJoCo renders without a display (EGL) unless MUJOCO_GL says
+    otherwise; the device, and its precision: TF32 matmuls and convolutions on CUDA (JAX's default on GPUs) unless
+    --precision float32. Prints the precision."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    tf32 = device.type == "cuda" and args.precision != "float32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     bf16 = {"bf16-rollouts": "rollouts' matmuls in bfloat16, the rest ", "bf16": "matmuls in bfloat16, the rest "}
     rest = "TF32 matmuls and convolutions (as JAX on a GPU; --precision float32: strict)" if tf32 else "strict float32"
-    print(f"--precision {precision} on {device}: {bf16.get(precision, '')}{rest}")
+    print(f"--precision {args.precision} on {device}: {bf16.get(args.precision, '')}{rest}")
+    return device
+
+
+def logging_stream(seed: int, device: torch.device) -> torch.Generator:
+    """The validation batches' and the logged mse's random stream, apart from training's (SeedSequence([seed, 0, 0]);
+    evaluation episodes: [seed, update, j]): logging never changes training."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, 0, 0]).generate_state(1)[0]))
+
+
+def compiled(losses, args, device: torch.device):
+    """--compile: torch.compile(losses) (CUDA graphs on CUDA); without a C++ compiler (CPU) or Triton (CUDA), one
+    line naming --no-compile instead of a traceback."""
+    if not args.compile:
+        return losses
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        sys.exit(f"error: torch.compile does not work here ({str(e).strip().splitlines()[0]}); "
+                 f"run with --no-compile (the eager code: the same results, slower)")
+    print("--compile: the first update and the first logging step compile first (a minute or so each)")
+    return torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def run_name_of(env_name: str) -> str:  # the environment's part of a run folder's name
@@ -174,7 +206,8 @@ class RunLog:
                 lines = [line for line in open(path) if not line[0].isdigit() or int(line.split(",")[0]) <= resume_step]
                 atomic_write(path, lambda f: f.write("".join(lines).encode()))
         self.json("args.json", dataclasses.asdict(args))
-        self.wandb = None
+        self.last_step, self.start_time = resume_step or 0, time.time()
+        self.last_time, self.wandb = self.start_time, None
         if args.track:
             import wandb
 
@@ -196,7 +229,25 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
-    def videos(self, videos: dict, step: int) -> None:  # {episode: frames} -> videos/*.mp4
+    def training(self, step: int, row: dict, after: dict | None = None) -> None:
+        """train.csv's row at a logging step: `row`, the seconds per update since the last one and since the start,
+        then `after`; the main losses printed."""
+        now = time.time()
+        times = {"time/epoch_time": (now - self.last_time) / (step - self.last_step),
+                 "time/total_time": now - self.start_time}
+        self.last_time, self.last_step = now, step
+        self.write("train.csv", {**row, **times, **(after or {})}, step)
+        values = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("training/")}
+        shown = ("critic_loss", "bc_flow_loss", "distill_loss", "alpha_value", "q", "mse")
+        tqdm.write(f"step {step}: " + "  ".join(f"{k} {values[k]:.4g}" for k in shown))
+
+    def evaluation(self, step: int, metrics: dict, videos: dict) -> None:
+        """eval.csv's row, the videos ({episode: frames} -> videos/*.mp4) and a printed line."""
+        self.write("eval.csv", {f"evaluation/{k}": v for k, v in metrics.items()}, step)
+        self.videos(videos, step)
+        tqdm.write(f"step {step}: evaluation/" + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+
+    def videos(self, videos: dict, step: int) -> None:
         if videos:
             from common.video import write_videos
 
@@ -205,16 +256,6 @@ class RunLog:
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def check_compiler(device: torch.device) -> None:
-    """--compile needs a C++ compiler (CPU) or Triton (CUDA): one clear line, not a traceback, when it is missing."""
-    try:
-        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        sys.exit(f"error: torch.compile does not work here ({str(e).strip().splitlines()[0]}); "
-                 f"run with --no-compile (the eager code: the same results, slower)")
-    print("--compile: the first update and the first logging step compile first (a minute or so each)")
 
 
 class NonFiniteWatch:

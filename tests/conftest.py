@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import deflow_offline
-from tools.generate import generate_dataset
+from common.generate import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MUJOCO_GL", "egl")  # the tests render (visual datasets, videos) without a display

@@ -7,7 +7,7 @@ import pytest
 
 import ogbench.utils
 from common.datasets import ACTION_CLIP_EPS, KEYS, DatasetError, load_env_and_datasets
-from tools.generate import generate_dataset, generation_target
+from common.generate import generate_dataset, generation_target
 
 
 def test_generated_file_has_the_official_format(cube_dataset):

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deflow_offline import (GELU, Critic, VectorField, deflow_losses, flow_actions, flow_matching_loss, mlp,
-                            sample_actions, update, update_draws)
+from deflow_offline import (GELU, Critic, Refinement, VelocityField, deflow_losses, flow_actions, flow_matching_loss,
+                            mlp, sample_actions, update, update_draws)
 from tests.conftest import losses_of, random_batch, tiny_agent
 
 
@@ -51,7 +51,7 @@ def test_euler_sampler_equals_the_plain_loop_with_time_grid_and_final_clip():
     """flow_actions must equal K calls of the velocity field with t = i/K, clipped only at the end (a strong time input
     and big outputs make either mistake visible)."""
     torch.manual_seed(0)
-    flow = VectorField(3, 2, (16, 16), False, use_time=True)
+    flow = VelocityField(3, 2, (16, 16), False)
     with torch.no_grad():
         flow.net[0].weight[:, -1] *= 20  # the velocity depends strongly on t
         flow.net[-1].weight *= 8  # and overshoots [-1, 1] on the way
@@ -95,7 +95,7 @@ def test_networks_follow_flax_conventions():
     assert all(torch.all(m.bias == 0) for m in net if isinstance(m, nn.Linear))
     bound = (6 / (4 + 8)) ** 0.5
     assert net[0].weight.abs().max() <= bound and net[0].weight.abs().max() > 0.8 * bound
-    assert VectorField(3, 2, (16,), False, use_time=False)(torch.randn(5, 3), torch.randn(5, 2)).shape == (5, 2)
+    assert Refinement(3, 2, (16,), False)(torch.randn(5, 3), torch.randn(5, 2)).shape == (5, 2)
 
 
 def test_gelu_is_flax_default_the_tanh_approximation_eager_and_compiled(monkeypatch):

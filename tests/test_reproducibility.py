@@ -12,7 +12,7 @@ import torch
 from common.datasets import DatasetError, load_env_and_datasets
 from common.envs import make_eval_envs
 from deflow_offline import evaluate
-from tools.generate import generate_dataset
+from common.generate import generate_dataset
 from tests.conftest import ROOT, TINY_FLAGS, read_csv, run_script, tiny_agent
 
 ENV = "cube-single-play-singletask-task1-v0"

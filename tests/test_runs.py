@@ -15,7 +15,7 @@ import common.runs
 import deflow_o2o
 import deflow_offline
 import deflow_pixels
-from common.runs import Checkpoints, configure_precision, parse_args
+from common.runs import Checkpoints, parse_args, start
 from tests.conftest import ROOT, TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent
 from tests.test_pixels import pixel_batch, tiny_agent as tiny_pixel_agent
 
@@ -37,17 +37,18 @@ def same_agent(a, b):
 def test_checkpoints_every_tenth_of_the_run_at_the_end_and_every_30_minutes(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(common.runs.time, "monotonic", lambda: clock[0])
+    schedule = lambda interval, total: Checkpoints(  # noqa: E731
+        SimpleNamespace(save_interval=interval, offline_steps=total), np.zeros(2))
     due = lambda interval, total: [s for s in range(1, total + 1)  # noqa: E731
-                                   if Checkpoints(SimpleNamespace(save_interval=interval), total, np.zeros(2)).due(
-                                       s, s == total)]
+                                   if schedule(interval, total).due(s, s == total)]
     assert due(None, 1000) == list(range(100, 1001, 100))  # the default: a tenth of the run
     assert due(None, 25) == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 25] and due(None, 7) == list(range(1, 8))
     assert due(300, 1000) == [300, 600, 900, 1000] and due(0, 1000) == [1000]
-    checkpoints = Checkpoints(SimpleNamespace(save_interval=None), 1000, np.zeros(2))
+    checkpoints = schedule(None, 1000)
     assert not checkpoints.due(1, False)
     clock[0] += 30 * 60 + 1  # half an hour since the last one: now, then again from here
     assert checkpoints.due(7, False) and not checkpoints.due(8, False) and checkpoints.due(100, False)
-    never = Checkpoints(SimpleNamespace(save_interval=0), 1000, np.zeros(2))
+    never = schedule(0, 1000)
     clock[0] += 3600
     assert not never.due(7, False) and never.due(1000, True)
 
@@ -114,7 +115,7 @@ def test_flags_a_resume_may_not_change(short_run, monkeypatch, capsys, flags, me
 
 
 def test_flags_a_resume_may_change_and_lr_reaches_adam(short_run, tmp_path):
-    """Steps, intervals, device, compile, precision, evaluation and --lr: the new --lr is Adam's from the first update."""
+    """Steps, intervals, device, compile, precision, evaluation, --lr: the new --lr is Adam's from the first update."""
     copy = tmp_path / short_run.name
     copy.mkdir()
     for name, data in files_of(short_run).items():
@@ -212,7 +213,7 @@ def test_precision_sets_tf32_on_cuda_only_unless_strict(capsys):
     try:
         for precision, device, tf32 in (("tf32", "cuda", True), ("float32", "cuda", False), ("bf16", "cuda", True),
                                         ("tf32", "cpu", False)):
-            configure_precision(precision, torch.device(device))
+            assert start(SimpleNamespace(seed=0, device=device, precision=precision)) == torch.device(device)
             assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
             line = capsys.readouterr().out
             assert line.startswith(f"--precision {precision} on {device}: ") and ("TF32" in line) == tf32
