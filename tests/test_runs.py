@@ -3,6 +3,7 @@ checkpoints moving between device types, the precision choices, and counts a use
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -195,7 +196,7 @@ def test_bad_counts_of_the_other_scripts(monkeypatch):
                                    (deflow_pixels, ["--frame-stack", "0"], "--frame-stack must be at least 1"),
                                    (deflow_pixels, ["--p-aug", "1.5"], "--p-aug must be in [0, 1] (got 1.5)")):
         monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", *flags])
-        with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
             parse_args(script.Args, script.__doc__)
 
 
