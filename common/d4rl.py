@@ -54,7 +54,7 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
-from common import DatasetError
+from common.datasets import DatasetError
 
 ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 ADROIT = tuple(f"{task}/{kind}" for task in ("pen", "door", "hammer", "relocate")

@@ -4,18 +4,42 @@ for the task; D4RL ids go to common/d4rl.py. Actions are clipped to [-1 + 1e-5, 
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import socket
+import sys
 import urllib.error
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from common import DatasetError, dataset_name_of  # noqa: F401  (DatasetError: the scripts import it from here)
-
 ACTION_CLIP_EPS = 1e-5
 FAMILIES = ("antmaze", "humanoidmaze", "antsoccer", "pointmaze", "cube", "scene", "puzzle")
 KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
+
+
+class DatasetError(RuntimeError):
+    """A problem with the environment name or the dataset; the message says how to fix it."""
+
+
+def dataset_name_of(env_name: str) -> str:
+    """'cube-single-play-singletask-task2-v0' -> 'cube-single-play-v0' (the file every task of it shares)."""
+    parts = env_name.split("-")
+    return "-".join(parts[: parts.index("singletask")] + parts[-1:] if "singletask" in parts else parts)
+
+
+def optional(module: str, needed_by: str | None = None):
+    """common/<module>.py, imported only for what needs it. Missing (a copy without it): None if nothing needs it,
+    else one line naming the file to copy."""
+    try:
+        return importlib.import_module(f"common.{module}")
+    except ModuleNotFoundError as e:
+        if e.name != f"common.{module}":
+            raise
+        if needed_by is None:
+            return None
+        sys.exit(f"error: {needed_by} needs common/{module}.py; copy it from the DeFlow repository into common/")
 
 
 def generation_command(env_name: str, out: str) -> str:
@@ -30,9 +54,8 @@ def single_task_gym_id(env_name: str) -> str:
 
     parts, families = env_name.split("-"), f"Supported families: {', '.join(FAMILIES)}."
     if "singletask" not in parts or not env_name.removeprefix("visual-").startswith(FAMILIES):
-        from common.d4rl import minari_id_of
-
-        if (minari_id := minari_id_of(env_name)) is not None:
+        d4rl = optional("d4rl")
+        if d4rl is not None and (minari_id := d4rl.minari_id_of(env_name)) is not None:
             raise DatasetError(f"'{env_name}' is a D4RL name; D4RL comes through Minari here: --env-name {minari_id}")
         raise DatasetError(f"unknown environment '{env_name}'. DeFlow trains on OGBench single-task environments "
                            "<family>-<size>-<dataset type>-singletask[-taskN]-v0, e.g. cube-single-play-singletask-"
@@ -54,9 +77,7 @@ def make_env(env_name: str, max_episode_steps: int | None = None):
     import gymnasium
 
     if "/" in env_name:
-        from common import d4rl
-
-        return d4rl.make_env(env_name, max_episode_steps)
+        return optional("d4rl", "a D4RL id").make_env(env_name, max_episode_steps)
     return gymnasium.make(single_task_gym_id(env_name), max_episode_steps=max_episode_steps)
 
 
@@ -73,16 +94,15 @@ def resolve_files(env_name: str, dataset_dir: str, dataset_path: str | None, gen
         if train.suffix != ".npz":
             raise DatasetError(f"--dataset-path must be a .npz file (got {train})")
         if not (train.exists() and val_path(train).exists()) and generate_episodes > 0:
-            from common.generate import generate_missing
-
             try:
-                generate_missing(env_name, generate_episodes, train, num_workers)
+                optional("generate", "--generate-episodes").generate_missing(env_name, generate_episodes, train,
+                                                                            num_workers)
             except ValueError as e:  # no oracle for this dataset: the message says what to do instead
                 raise DatasetError(str(e)) from None
         if missing := [p for p in (train, val_path(train)) if not p.exists()]:
             raise DatasetError(f"dataset file {missing[0]} does not exist. Generate it locally (no internet needed) "
                                f"with\n    {generation_command(env_name, str(train))}\nor add --generate-episodes N "
-                               "to this command to generate N episodes there first.")
+                               "to this command to generate N episodes there first (needs common/generate.py).")
         return train
     train, local = Path(dataset_dir).expanduser() / f"{name}.npz", f"data/{name.replace('-v0', '')}-1000ep.npz"
     if not (train.exists() and val_path(train).exists()):
@@ -125,14 +145,22 @@ def check_finite(data: dict[str, np.ndarray], source: str) -> None:
                                f"(first: row {bad.argmax()}); fix or regenerate the dataset")
 
 
+def data_fingerprint(train: dict, val: dict | None) -> str:
+    """What identifies a run's data wherever its files lie: the sizes and a hash of the actions (training and
+    validation; numpy arrays or tensors)."""
+    arrays = [np.asarray(d["actions"].cpu() if hasattr(d["actions"], "cpu") else d["actions"])
+              for d in (train, val) if d]
+    digest = hashlib.sha1(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()[:12]
+    return f"{' + '.join(str(len(a)) for a in arrays)} transitions, actions sha1 {digest}"
+
+
 def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", dataset_path: str | None = None,
                           generate_episodes: int = 0, num_workers: int = 1):
     """(env, train, val): the task's environment and dicts of numpy arrays (KEYS) from `dataset_path` (validation:
     -val.npz; generated with `generate_episodes` > 0 if missing), else from OGBench's file in `dataset_dir`
     (downloaded if missing). D4RL: no validation split (val None). Raises DatasetError with the fix."""
     if "/" in env_name:
-        from common import d4rl
-
+        d4rl = optional("d4rl", "a D4RL id")
         env, train, val = d4rl.load_env_and_datasets(env_name, dataset_path, generate_episodes)
         sources = [f"Minari dataset {env_name}"]
     else:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import dataset_name_of
+from common.datasets import dataset_name_of
 
 # The dataset families whose oracle ships in the `ogbench` package, as (name pattern, dataset type).
 GENERATABLE = (

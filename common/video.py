@@ -30,7 +30,7 @@ class VideoFrames(gymnasium.Wrapper):
     def _record(self, obs, info, done):
         if self.frames is None:
             return info
-        self.frames.append(self.env.render() if obs.ndim == 1 else obs.reshape(-1, *obs.shape[-3:])[-1])
+        self.frames.append(self.env.render() if obs.ndim == 1 else obs[..., -3:])  # pixels: the newest frame
         return {**info, "frames": self.frames} if done else info
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,6 +56,25 @@ def draw_batch(script, data: dict, args):
     return script.sample_batch(data, args.batch_size)
 
 
+def train_step(script, agent, optimizer, batch, args, log_rng=None, losses=None, train_flow=None):
+    """One update as the script's loop does it: the draws (the logged mse's from log_rng), the losses (default:
+    script.deflow_losses; under --precision bf16 in autocast), update(); returns the metrics."""
+    draws = script.update_draws(*batch["actions"].shape, batch["actions"].device, mse_rng=log_rng)
+    flow = () if train_flow is None else (train_flow,)
+    with torch.autocast(batch["actions"].device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        loss, metrics = (losses or script.deflow_losses)(agent, batch, draws, args, *flow)
+    script.update(agent, optimizer, loss, args)
+    return metrics
+
+
+def make_envs(num_envs, workers=False, max_episode_steps=None, video=False,
+              env_name="cube-single-play-singletask-task1-v0"):
+    """The scripts' evaluation environments (deflow_offline.make_eval_envs) with these settings."""
+    settings = SimpleNamespace(env_name=env_name, eval_workers=workers, capture_video=video,
+                               eval_max_episode_steps=max_episode_steps)
+    return deflow_offline.make_eval_envs(settings, num_envs)
+
+
 def losses_of(agent, batch, args, script=deflow_offline, with_mse=False):
     """script.deflow_losses on `batch` with fresh draws from the global torch stream (the mse's too)."""
     draws = script.update_draws(*batch["actions"].shape, batch["actions"].device,
@@ -75,8 +95,8 @@ def assert_compiled_update_equals_eager(script, make_agent, data: dict, toleranc
         optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, fused=True)
         torch.manual_seed(7)
         log_rng = torch.Generator().manual_seed(8)
-        metrics = [script.update(agent, optimizer, draw_batch(script, data, args), args,
-                                 log_rng=log_rng if step in mse_steps else None, losses=losses) for step in range(3)]
+        metrics = [train_step(script, agent, optimizer, draw_batch(script, data, args), args,
+                              log_rng=log_rng if step in mse_steps else None, losses=losses) for step in range(3)]
         results.append((metrics, agent.state_dict()))
     (eager_metrics, eager_state), (compiled_metrics, compiled_state) = results
     for eager, compiled in zip(eager_metrics, compiled_metrics):

@@ -9,8 +9,7 @@ import torch
 
 import deflow_offline
 import deflow_pixels
-from common.envs import make_eval_envs
-from tests.conftest import TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent
+from tests.conftest import TINY_FLAGS, make_envs, random_batch, read_csv, run_script, tiny_agent, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; on a GPU machine: "
                                 "python -m pytest tests/test_cuda.py (docs/speed.md)")
@@ -34,7 +33,7 @@ def train_on_cuda(losses, steps=40, compiled=False):
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
         batch = deflow_offline.sample_batch(data, args.batch_size)
-        metrics = deflow_offline.update(agent, optimizer, batch, args, log_rng if step % 10 == 0 else None, losses)
+        metrics = train_step(deflow_offline, agent, optimizer, batch, args, log_rng if step % 10 == 0 else None, losses)
         history.append({k: v.item() for k, v in metrics.items()})
     return history, agent.state_dict()
 
@@ -84,7 +83,7 @@ def test_run_on_cuda_prints_tf32_and_resumes_exactly(cuda_runs):
 
 
 def test_a_cuda_checkpoint_resumes_on_the_cpu(cuda_runs):
-    assert "was written on another device type (CUDA)" in cuda_runs["C"].stdout
+    assert "was written on another device type: random number generator states do not carry over" in cuda_runs["C"].stdout
     checkpoint = torch.load(cuda_runs["C_dir"] / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 30 and checkpoint["rng"]["log"].numel() > 100  # now a CPU run's streams
     assert all(torch.isfinite(v).all() for v in checkpoint["agent"].values())
@@ -99,13 +98,13 @@ def test_evaluation_on_cuda_gives_the_cpus_actions():
     for device in ("cpu", "cuda"):
         actions = seen.setdefault(device, [])
 
-        def policy(agent, obs, noise, flow_steps):
-            out = deflow_offline.sample_actions(agent, obs, noise, flow_steps)
+        def policy(agent, obs, noise, args):
+            out = deflow_offline.sample_actions(agent, obs, noise, args)
             actions.append(out.cpu())
             return out
 
-        envs, _ = make_eval_envs(ENV, 2, max_episode_steps=5)
-        metrics, _ = deflow_offline.evaluate(agent.to(device), envs, 3, args, seed=0, step=1, policy=policy)
+        args = dataclasses.replace(args, env_name=ENV, seed=0, eval_episodes=3)
+        metrics, _ = deflow_offline.evaluate(agent.to(device), make_envs(2, max_episode_steps=5), args, 1, policy)
         assert metrics["episode.length"] == 5
     assert len(seen["cpu"]) == len(seen["cuda"]) == 10
     torch.testing.assert_close(seen["cuda"][0], seen["cpu"][0], rtol=1e-4, atol=1e-5)
@@ -143,7 +142,8 @@ def test_pixel_memory_check_matches_what_the_gpu_allocates(visual_dataset):
         for step in range(3):
             if compiled:
                 torch.compiler.cudagraph_mark_step_begin()
-            deflow_pixels.update(agent, optimizer, batch, args, torch.Generator(CUDA) if step == 2 else None, losses)
+            log_rng = torch.Generator(CUDA) if step == 2 else None
+            train_step(deflow_pixels, agent, optimizer, batch, args, log_rng, losses)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_reserved() - start
         assert peak <= WORKING_MEMORY, f"compiled={compiled}: {peak / 2**30:.2f} GiB"

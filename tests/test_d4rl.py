@@ -11,7 +11,6 @@ from packaging.version import Version
 
 from common import d4rl
 from common.datasets import DatasetError, load_env_and_datasets, make_env
-from common.runs import run_name_of
 from tests.conftest import TINY_FLAGS, read_csv, run_script
 
 minari = pytest.importorskip("minari")
@@ -266,14 +265,14 @@ def test_both_scripts_end_to_end(minari_root, tmp_path, dataset_id):
     common = ["--env-name", dataset_id, "--run-dir", tmp_path, "--log-interval", 2, "--eval-interval", 4,
               "--eval-episodes", 1, *TINY_FLAGS]
     offline = run_script(*common, "--offline-steps", 4, "--exp-name", "offline")
-    assert "no val transitions" in offline.stdout and "normalized_return" in offline.stdout
-    run_dir = next(tmp_path.glob(f"{run_name_of(dataset_id)}__offline__*"))
+    assert " transitions, actions sha1 " in offline.stdout and "normalized_return" in offline.stdout
+    run_dir = next(tmp_path.glob(f"{dataset_id.replace('/', '-')}__offline__*"))
     train, evals = read_csv(run_dir / "train.csv"), read_csv(run_dir / "eval.csv")
     assert not any(k.startswith("validation/") for k in train[0])
     assert [int(r["step"]) for r in evals] == [1, 4]
     assert all(np.isfinite(float(r["evaluation/episode.normalized_return"])) for r in evals)
     run_script(*common, "--offline-steps", 2, "--online-steps", 4, "--exp-name", "o2o", script="deflow_o2o.py")
-    run_dir = next(tmp_path.glob(f"{run_name_of(dataset_id)}__o2o__*"))
+    run_dir = next(tmp_path.glob(f"{dataset_id.replace('/', '-')}__o2o__*"))
     assert [int(r["step"]) for r in read_csv(run_dir / "eval.csv")] == [1, 2, 4, 6]
     online = torch.load(run_dir / "checkpoint.pt", weights_only=True)["buffer"]["data"]
     assert len(online["rewards"]) == 4

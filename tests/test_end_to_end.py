@@ -1,9 +1,6 @@
 """deflow_offline.py as a user runs it: a subprocess on a tiny generated dataset with tiny networks."""
 
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
 
@@ -47,8 +44,8 @@ def test_run_writes_logs_evaluation_and_checkpoint(runs):
         assert name in train[0]
     assert (run_dir / "checkpoint.pt").exists()
     assert json.loads((run_dir / "args.json").read_text())["offline_steps"] == 40
-    assert "evaluation/success" in runs["A"].stdout and "critic_loss" in runs["A"].stdout
-    assert "2 evaluation environments side by side in this process (" in runs["A"].stdout
+    assert "step 20: success " in runs["A"].stdout and "critic_loss" in runs["A"].stdout
+    assert "2 evaluation environments side by side" in runs["A"].stdout
 
 
 def test_same_seed_same_numbers(runs):
@@ -101,9 +98,10 @@ def test_bad_input_gives_one_clear_line(flags, message):
 def test_nan_loss_stops_with_step_and_term(tmp_path, cube_dataset):
     flags = ["--env-name", ENV, "--dataset-path", cube_dataset, "--run-dir", tmp_path, "--offline-steps", 20,
              "--log-interval", 10, "--eval-interval", 0, "--save-interval", 10, *TINY_FLAGS]
-    result = run_script(*flags, "--discount", "1e39", check=False)  # gamma * Q overflows float32: inf at once
+    result = run_script(*flags, "--lr", "1e30", check=False)  # weights of 1e30 after update 1: inf at update 2
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "training/critic/critic_loss became non-finite at step 1" in result.stderr
+    assert "training/actor/actor_loss became non-finite at step 2" in result.stderr
+    assert "no checkpoint was written in" in result.stderr
     assert not list(tmp_path.glob("*/checkpoint.pt"))  # a diverged model is never saved
 
 
@@ -124,22 +122,3 @@ def test_help_documents_every_flag(script):
         flag = "--" + field.name.replace("_", "-")
         assert f"{flag} " in text or f"{flag}," in text
     assert "target divergence" in text.lower() or "delta" in text
-
-
-def test_the_script_copied_with_the_helpers_the_readme_names_trains_alone(tmp_path, cube_dataset):
-    """A researcher's copy: deflow_offline.py and the helper files the README names for it, in an empty folder, train
-    a tiny OGBench run with evaluation, CSV logs and a checkpoint, importing nothing from this repository."""
-    line = next(line for line in (ROOT / "README.md").read_text().split("\n\n") if "in a project of your own" in line)
-    helpers = re.findall(r"`(common/[a-z_]+\.py)`", line.split("(plus")[0])
-    assert helpers == ["common/__init__.py", "common/runs.py", "common/datasets.py", "common/envs.py"]
-    for name in ["deflow_offline.py", *helpers]:
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        shutil.copy(ROOT / name, tmp_path / name)
-    flags = ["--env-name", ENV, "--dataset-path", cube_dataset, "--offline-steps", 4, "--log-interval", 2,
-             "--eval-interval", 4, "--eval-episodes", 1, *TINY_FLAGS]
-    result = subprocess.run([sys.executable, "deflow_offline.py", *map(str, flags)], cwd=tmp_path, text=True,
-                            capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert [r["step"] for r in read_csv(run_dir / "eval.csv")] == ["1", "4"]
-    assert [r["step"] for r in read_csv(run_dir / "train.csv")] == ["2", "4"] and (run_dir / "checkpoint.pt").exists()

@@ -11,8 +11,9 @@ nearest dataset action < 0.015.
 import pytest
 import torch
 
-from deflow_offline import DeFlowAgent, autocast, flow_actions, sample_actions, sample_batch, update
-from tests.conftest import NATIVE_BF16, tiny_args
+import deflow_offline
+from deflow_offline import DeFlowAgent, flow_actions, sample_actions, sample_batch
+from tests.conftest import NATIVE_BF16, tiny_args, train_step
 
 MODES_X, BEST_X = torch.tensor([-0.3, 0.0, 0.3]), 0.3
 
@@ -39,12 +40,13 @@ def test_deflow_picks_the_best_mode_and_stays_on_the_data(precision):
     agent = DeFlowAgent(2, 2, args)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
     for _ in range(2000):
-        update(agent, optimizer, sample_batch(data, args.batch_size), args)
+        train_step(deflow_offline, agent, optimizer, sample_batch(data, args.batch_size), args)
 
-    with torch.no_grad(), autocast(args, torch.device("cpu"), rollout=True):  # as evaluation samples
+    bf16 = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")  # as evaluation samples
+    with torch.no_grad(), bf16:
         obs = torch.zeros(2000, 2)
-        base = flow_actions(agent.flow, obs, torch.randn(2000, 2), args.flow_steps)
-        policy = sample_actions(agent, obs, torch.randn(2000, 2), args.flow_steps)
+        base = flow_actions(agent.flow, obs, torch.randn(2000, 2), args)
+        policy = sample_actions(agent, obs, torch.randn(2000, 2), args)
     at_best = lambda a: ((a[:, 0] - BEST_X).abs() < 0.1).float().mean().item()  # noqa: E731
     distance_to_data = torch.cdist(policy, data["actions"]).min(dim=1).values
 

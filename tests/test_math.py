@@ -3,15 +3,17 @@
 import copy
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import deflow_offline
 from deflow_offline import (GELU, Critic, Refinement, VelocityField, deflow_losses, flow_actions, flow_matching_loss,
-                            mlp, sample_actions, update, update_draws)
-from tests.conftest import losses_of, random_batch, tiny_agent
+                            mlp, sample_actions, update_draws)
+from tests.conftest import losses_of, random_batch, tiny_agent, train_step
 
 
 class Recorder(nn.Module):
@@ -39,6 +41,11 @@ def test_flow_matching_interpolates_and_targets_velocity():
     assert flow_matching_loss(exact, obs, actions, x_0, t).item() == 0.0
 
 
+def steps(k):
+    """What flow_actions reads of the args: K and the precision."""
+    return SimpleNamespace(flow_steps=k, precision="float32")
+
+
 def euler_reference(flow, obs, noise, flow_steps):
     """The sampler as the paper writes it: x_{i+1} = x_i + mu(s, x_i, i/K) / K, one full call per step, clip at the end."""
     x = noise
@@ -57,7 +64,7 @@ def test_euler_sampler_equals_the_plain_loop_with_time_grid_and_final_clip():
         flow.net[-1].weight *= 8  # and overshoots [-1, 1] on the way
     obs, noise = torch.randn(64, 3), torch.randn(64, 2)
     with torch.no_grad():
-        fast, reference = flow_actions(flow, obs, noise, 10), euler_reference(flow, obs, noise, 10)
+        fast, reference = flow_actions(flow, obs, noise, steps(10)), euler_reference(flow, obs, noise, 10)
         shifted_time = euler_reference(lambda o, x, t: flow(o, x, t + 0.1), obs, noise, 10)
         clipped_each_step = noise
         for i in range(10):
@@ -66,14 +73,14 @@ def test_euler_sampler_equals_the_plain_loop_with_time_grid_and_final_clip():
     assert fast.shape == (64, 2) and fast.abs().max() <= 1
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
     assert (fast - shifted_time).abs().max() > 1e-2 and (fast - clipped_each_step).abs().max() > 1e-2
-    assert torch.equal(flow_actions(flow, obs[:1], torch.full((1, 2), 50.0), 4), torch.ones(1, 2))
+    assert torch.equal(flow_actions(flow, obs[:1], torch.full((1, 2), 50.0), steps(4)), torch.ones(1, 2))
 
 
 def test_policy_adds_refinement_and_clips():
     agent, args = tiny_agent()
     with torch.no_grad():
         agent.refine.net[-1].bias.fill_(10.0)  # a huge refinement: the action must still be clipped to 1
-    actions = sample_actions(agent, torch.randn(9, 3), torch.randn(9, 2), args.flow_steps)
+    actions = sample_actions(agent, torch.randn(9, 3), torch.randn(9, 2), args)
     assert actions.shape == (9, 2) and torch.all(actions == 1.0)
 
 
@@ -143,7 +150,7 @@ def test_alpha_rises_above_delta_and_falls_below(delta, direction):
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
     before = agent.log_alpha.item()
     for step in range(20):
-        metrics = update(agent, optimizer, random_batch(seed=step), args)
+        metrics = train_step(deflow_offline, agent, optimizer, random_batch(seed=step), args)
         assert (metrics["actor/distill_loss"].item() > delta) == (direction > 0)
     change = agent.log_alpha.item() - before
     # Sign-driven Adam steps of about lr each (a little less when |D - delta| varies from batch to batch).
@@ -193,7 +200,7 @@ def test_target_ema_uses_pre_step_critic():
     critic_before = copy.deepcopy(agent.critic.state_dict())
     target_before = copy.deepcopy(agent.target_critic.state_dict())
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-2)
-    update(agent, optimizer, random_batch(), args)
+    train_step(deflow_offline, agent, optimizer, random_batch(), args)
     for k, target_after in agent.target_critic.state_dict().items():
         torch.testing.assert_close(target_after, 0.1 * critic_before[k] + 0.9 * target_before[k])
     assert any(not torch.equal(v, critic_before[k]) for k, v in agent.critic.state_dict().items())
@@ -212,7 +219,7 @@ def test_td_target_uses_masks_and_q_agg():
         batch["masks"] = torch.ones(32)
         noise = update_draws(32, 2, torch.device("cpu"))
         _, m = deflow_losses(agent_q, batch, noise, args_q)
-        next_actions = sample_actions(agent_q, batch["next_observations"], noise["next_base_noise"], args_q.flow_steps)
+        next_actions = sample_actions(agent_q, batch["next_observations"], noise["next_base_noise"], args_q)
         next_qs = agent_q.target_critic(batch["next_observations"], next_actions)
         next_q = next_qs.min(0).values if q_agg == "min" else next_qs.mean(0)
         target = batch["rewards"] + 0.5 * next_q
@@ -227,7 +234,7 @@ def test_one_rollout_over_2b_rows_gives_the_base_actions_of_their_own_rollout():
     batch, noise = random_batch(), update_draws(32, 2, torch.device("cpu"))
     _, m = deflow_losses(agent, batch, noise, args)
     with torch.no_grad():
-        base_actions = flow_actions(agent.flow, batch["observations"], noise["base_noise"], args.flow_steps)
+        base_actions = flow_actions(agent.flow, batch["observations"], noise["base_noise"], args)
         distill_loss = agent.refine(batch["observations"], base_actions).square().mean()
     torch.testing.assert_close(m["actor/distill_loss"], distill_loss, rtol=1e-5, atol=1e-8)
 

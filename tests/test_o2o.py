@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import deflow_o2o
-from common.online import buffer_state, load_buffer_state, resume_episode
-from deflow_o2o import ReplayBuffer, draw_batch, transition
-from tests.conftest import TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent
+from deflow_o2o import ReplayBuffer, draw_batch, resume_episode, transition
+from tests.conftest import TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent, train_step
 
 ENV = "cube-single-play-singletask-task1-v0"
 
@@ -65,12 +64,13 @@ def test_buffer_state_restores_the_same_buffer():
     for value in range(100, 115):  # more than one full turn
         buffer.add(online_transition(value))
     restored = ReplayBuffer(data, capacity=12)
-    load_buffer_state(restored, buffer_state(buffer))
+    restored.load_state(buffer.state(), "the checkpoint")
     assert restored.num_added == buffer.num_added
     for k in data:
         assert torch.equal(restored.data[k], buffer.data[k])
-    with pytest.raises(ValueError, match="capacity"):
-        load_buffer_state(ReplayBuffer(data, capacity=20), buffer_state(buffer))
+    with pytest.raises(SystemExit, match="the checkpoint does not fit this dataset and --buffer-size: its buffer "
+                                         "holds 10 dataset rows in 12, this one 10 in 20"):
+        ReplayBuffer(data, capacity=20).load_state(buffer.state(), "the checkpoint")
 
 
 def test_balanced_batch_takes_half_from_each_part():
@@ -139,10 +139,10 @@ def test_frozen_flow_does_not_move_even_with_adam_momentum():
         agent, args = tiny_agent(script=deflow_o2o)
         optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
         for seed in range(5):
-            deflow_o2o.update(agent, optimizer, random_batch(seed=seed), args)
+            train_step(deflow_o2o, agent, optimizer, random_batch(seed=seed), args)
         flow, refine, alpha = flow_state(agent), agent.refine.net[0].weight.clone(), agent.log_alpha.item()
         for seed in range(5, 10):
-            metrics = deflow_o2o.update(agent, optimizer, random_batch(seed=seed), args, train_flow=train_flow)
+            metrics = train_step(deflow_o2o, agent, optimizer, random_batch(seed=seed), args, train_flow=train_flow)
         flow_same = all(torch.equal(v, agent.flow.state_dict()[k]) for k, v in flow.items())
         assert flow_same == (not train_flow)
         assert not torch.equal(refine, agent.refine.net[0].weight) and agent.log_alpha.item() != alpha

@@ -14,7 +14,7 @@ import common.visual
 import deflow_pixels as dp
 from common.datasets import DatasetError
 from common.visual import load_visual_datasets
-from tests.conftest import assert_compiled_update_equals_eager, losses_of, run_script
+from tests.conftest import assert_compiled_update_equals_eager, losses_of, run_script, train_step
 
 ENV = "visual-cube-single-play-singletask-task1-v0"
 TINY = dict(actor_hidden_dims=(16,), refine_hidden_dims=(16,), value_hidden_dims=(16,), encoder_stack_sizes=(4, 4, 4),
@@ -166,11 +166,11 @@ def test_one_rollout_of_both_feature_sets_equals_the_two_rollouts():
     _, metrics = dp.deflow_losses(agent, batch, noise, args)
     with torch.no_grad():
         obs, next_obs = batch["observations"], batch["next_observations"]
-        next_actions = dp.sample_actions(agent, next_obs, noise["next_base_noise"], args.flow_steps)
+        next_actions = dp.sample_actions(agent, next_obs, noise["next_base_noise"], args)
         next_q = agent.target_critic(agent.target_critic_encoder(next_obs), next_actions).mean(0)
         qs = agent.critic(agent.critic_encoder(obs), batch["actions"])
         critic_loss = (qs - (batch["rewards"] + 0.5 * next_q)).square().mean()
-        base_actions = dp.flow_actions(agent.flow, agent.flow_encoder(obs), noise["base_noise"], args.flow_steps)
+        base_actions = dp.flow_actions(agent.flow, agent.flow_encoder(obs), noise["base_noise"], args)
         distill_loss = agent.refine(agent.refine_encoder(obs), base_actions).square().mean()
     torch.testing.assert_close(metrics["critic/critic_loss"], critic_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(metrics["actor/distill_loss"], distill_loss, rtol=1e-5, atol=1e-7)
@@ -180,7 +180,7 @@ def test_update_moves_the_target_encoder_by_ema_only():
     agent, args = tiny_agent()
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
     before = {k: v.clone() for k, v in agent.state_dict().items()}
-    dp.update(agent, optimizer, pixel_batch(), args)
+    train_step(dp, agent, optimizer, pixel_batch(), args)
     after = agent.state_dict()
     for name in before:
         if name.startswith("target_critic_encoder."):  # theta_bar <- tau theta_old + (1 - tau) theta_bar
@@ -208,9 +208,9 @@ def test_policy_is_batched_and_in_bounds():
     """pi(s) of a batch is each row's pi(s) alone. (The max-q and iterative samplers left the scripts.)"""
     agent, args = tiny_agent()
     obs, noise = pixel_batch(batch=4)["observations"], torch.randn(4, 5)
-    actions = dp.sample_actions(agent, obs, noise, args.flow_steps)
+    actions = dp.sample_actions(agent, obs, noise, args)
     assert actions.shape == (4, 5) and actions.abs().max() <= 1
-    rowwise = torch.cat([dp.sample_actions(agent, obs[i:i + 1], noise[i:i + 1], args.flow_steps) for i in range(4)])
+    rowwise = torch.cat([dp.sample_actions(agent, obs[i:i + 1], noise[i:i + 1], args) for i in range(4)])
     torch.testing.assert_close(actions, rowwise, atol=1e-5, rtol=1e-5)
 
 

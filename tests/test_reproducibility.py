@@ -1,6 +1,7 @@
 """Numbers that can be compared: evaluation episodes independent across runs and evaluations, generated data that
 depends only on its own settings, logging that never changes training, and one clear line for the small failures."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,10 +11,9 @@ import pytest
 import torch
 
 from common.datasets import DatasetError, load_env_and_datasets
-from common.envs import make_eval_envs
-from deflow_offline import evaluate
 from common.generate import generate_dataset
-from tests.conftest import ROOT, TINY_FLAGS, read_csv, run_script, tiny_agent
+from deflow_offline import evaluate
+from tests.conftest import ROOT, TINY_FLAGS, make_envs, read_csv, run_script, tiny_agent
 
 ENV = "cube-single-play-singletask-task1-v0"
 
@@ -23,12 +23,12 @@ def evaluation(seed, step, episodes=4):
     agent, args = tiny_agent(obs_dim=28, action_dim=5)
     seen = []
 
-    def policy(agent, obs, noise, flow_steps):
+    def policy(agent, obs, noise, args):
         seen.append((obs.clone(), noise.clone()))
         return noise.clamp(-1, 1)
 
-    envs, _ = make_eval_envs(ENV, episodes, max_episode_steps=2)
-    metrics, _ = evaluate(agent, envs, episodes, args, seed, step, policy=policy)
+    args = dataclasses.replace(args, env_name=ENV, seed=seed, eval_episodes=episodes)
+    metrics, _ = evaluate(agent, make_envs(episodes, max_episode_steps=2), args, step, policy)
     return metrics, *seen[0]
 
 
@@ -111,6 +111,6 @@ def test_generating_a_dataset_without_an_oracle_is_one_clear_error(tmp_path):
 
 def test_more_environments_than_episodes_leaves_the_rest_parked():
     agent, args = tiny_agent(obs_dim=28, action_dim=5)
-    envs, _ = make_eval_envs(ENV, 3, max_episode_steps=2)
-    metrics, _ = evaluate(agent, envs, 1, args, seed=0, step=1)
+    args = dataclasses.replace(args, env_name=ENV, seed=0, eval_episodes=1)
+    metrics, _ = evaluate(agent, make_envs(3, max_episode_steps=2), args, 1)
     assert metrics["episode.length"] == 2  # one episode; the two environments without one never ran

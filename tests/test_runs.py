@@ -1,4 +1,4 @@
-"""A run's life (common/runs.py): checkpoints written by default, killed and resumed exactly, what a resume may change,
+"""A run's life (the scripts' run part): checkpoints written by default, killed and resumed exactly, what a resume may change,
 checkpoints moving between device types, the precision choices, and counts a user can get wrong."""
 
 import dataclasses
@@ -8,15 +8,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
-import common.runs
 import deflow_o2o
 import deflow_offline
 import deflow_pixels
-from common.runs import Checkpoints, parse_args, start
+from deflow_offline import checkpoint_due, parse_args, setup
 from tests.conftest import ROOT, TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent
 from tests.test_pixels import pixel_batch, tiny_agent as tiny_pixel_agent
 
@@ -37,21 +35,19 @@ def same_agent(a, b):
 
 def test_checkpoints_every_tenth_of_the_run_at_the_end_and_every_30_minutes(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(common.runs.time, "monotonic", lambda: clock[0])
-    schedule = lambda interval, total: Checkpoints(  # noqa: E731
-        SimpleNamespace(save_interval=interval, offline_steps=total), np.zeros(2))
-    due = lambda interval, total: [s for s in range(1, total + 1)  # noqa: E731
-                                   if schedule(interval, total).due(s, s == total)]
+    monkeypatch.setattr(deflow_offline.time, "monotonic", lambda: clock[0])
+    due = lambda interval, total: [s for s in range(1, total + 1) if checkpoint_due(  # noqa: E731
+        SimpleNamespace(save_interval=interval), s, s == total, total, clock[0])]
     assert due(None, 1000) == list(range(100, 1001, 100))  # the default: a tenth of the run
     assert due(None, 25) == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 25] and due(None, 7) == list(range(1, 8))
     assert due(300, 1000) == [300, 600, 900, 1000] and due(0, 1000) == [1000]
-    checkpoints = schedule(None, 1000)
-    assert not checkpoints.due(1, False)
-    clock[0] += 30 * 60 + 1  # half an hour since the last one: now, then again from here
-    assert checkpoints.due(7, False) and not checkpoints.due(8, False) and checkpoints.due(100, False)
-    never = schedule(0, 1000)
+    args, last_save = SimpleNamespace(save_interval=None), clock[0]
+    assert not checkpoint_due(args, 1, False, 1000, last_save)
+    clock[0] += 30 * 60 + 1  # half an hour since the last one: now (the loop then restarts the clock)
+    assert checkpoint_due(args, 7, False, 1000, last_save) and not checkpoint_due(args, 8, False, 1000, clock[0])
+    never = SimpleNamespace(save_interval=0)
     clock[0] += 3600
-    assert not never.due(7, False) and never.due(1000, True)
+    assert not checkpoint_due(never, 7, False, 1000, last_save) and checkpoint_due(never, 1000, True, 1000, last_save)
 
 
 def test_a_default_run_killed_midway_loses_at_most_a_tenth_and_resumes_exactly(tmp_path, cube_dataset):
@@ -111,7 +107,7 @@ def test_a_resume_that_changes_the_task_is_refused_before_touching_the_run(short
 def test_flags_a_resume_may_not_change(short_run, monkeypatch, capsys, flags, message):
     monkeypatch.setattr(sys, "argv", ["deflow_offline.py", "--resume", str(short_run / "checkpoint.pt"), *flags])
     with pytest.raises(SystemExit) as exit_:
-        parse_args(deflow_offline.Args, deflow_offline.__doc__)
+        parse_args()
     assert message in str(exit_.value)
 
 
@@ -140,7 +136,7 @@ def test_a_resume_on_other_data_is_refused(short_run, cube_dataset, tmp_path):
     before = files_of(short_run)
     result = run_script("--resume", short_run / "checkpoint.pt", "--offline-steps", 30, "--dataset-path", other,
                         check=False)
-    assert result.returncode != 0 and "was trained on other data (118 transitions" in result.stderr
+    assert result.returncode != 0 and "was trained on other data (118 + " in result.stderr
     assert "Traceback" not in result.stderr and files_of(short_run) == before
 
 
@@ -156,7 +152,7 @@ def test_a_checkpoint_of_another_device_type_resumes_and_says_what_restarts(shor
             (tmp_path / name / file).write_bytes(data)
         torch.save(checkpoint, tmp_path / name / "checkpoint.pt")
         result = run_script("--resume", tmp_path / name / "checkpoint.pt", "--offline-steps", 30)
-        assert "was written on another device type (CUDA): random number generator states do not carry over, so " \
+        assert "was written on another device type: random number generator states do not carry over, so " \
                "training and logging continue from new streams seeded by (seed, step 20)" in result.stdout
         resumed.append(tmp_path / name)
     assert numbers(resumed[0]) == numbers(resumed[1]) and len(numbers(resumed[0])) == 3
@@ -164,7 +160,7 @@ def test_a_checkpoint_of_another_device_type_resumes_and_says_what_restarts(shor
 
 
 def test_an_o2o_training_episode_from_another_device_type_starts_anew(capsys):
-    from common.online import resume_episode
+    from deflow_o2o import resume_episode
 
     saved = {"done": False, "obs": torch.zeros(1), "seed": 3, "ret": 0.5, "started": 2, "exploration": {},
              "actions": torch.zeros(4, 1), "noise": torch.zeros(16, dtype=torch.uint8)}  # a CUDA generator's state
@@ -174,47 +170,48 @@ def test_an_o2o_training_episode_from_another_device_type_starts_anew(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eval-episodes", "0"], "--eval-episodes must be at least 1 (got 0); --eval-interval 0 turns evaluation off"),
-    (["--eval-envs", "0"], "--eval-envs must be at least 1 (got 0)"),
-    (["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
-    (["--flow-steps", "0"], "--flow-steps must be at least 1 (got 0)"),
-    (["--offline-steps", "-5"], "--offline-steps must be at least 0 (got -5)"),
-    (["--log-interval", "-1"], "--log-interval must be at least 0 (got -1)"),
-    (["--save-interval", "-1"], "--save-interval must be at least 0 (got -1)"),
-    (["--actor-hidden-dims", "64", "0"], "--actor-hidden-dims must be at least 1 (got 0)"),
+    (["--eval-episodes", "0"], "--eval-episodes must be in [1, inf) (got 0); --eval-interval 0 turns evaluation off"),
+    (["--eval-envs", "0"], "--eval-envs must be in [1, inf) (got 0)"),
+    (["--batch-size", "0"], "--batch-size must be in [1, inf) (got 0)"),
+    (["--flow-steps", "0"], "--flow-steps must be in [1, inf) (got 0)"),
+    (["--offline-steps", "-5"], "--offline-steps must be in [0, inf) (got -5)"),
+    (["--log-interval", "-1"], "--log-interval must be in [0, inf) (got -1)"),
+    (["--save-interval", "-1"], "--save-interval must be in [0, inf) (got -1)"),
+    (["--actor-hidden-dims", "64", "0"], "--actor-hidden-dims must be in [1, inf) (got 0)"),
 ])
 def test_bad_counts_are_one_line(monkeypatch, flags, message):
     monkeypatch.setattr(sys, "argv", ["deflow_offline.py", *flags])
     with pytest.raises(SystemExit) as exit_:
-        parse_args(deflow_offline.Args, deflow_offline.__doc__)
+        parse_args()
     assert str(exit_.value) == f"error: {message}"
 
 
 def test_bad_counts_of_the_other_scripts(monkeypatch):
-    for script, flags, message in ((deflow_o2o, ["--online-steps", "-1"], "--online-steps must be at least 0"),
-                                   (deflow_o2o, ["--buffer-size", "0"], "--buffer-size must be at least 1"),
-                                   (deflow_pixels, ["--frame-stack", "0"], "--frame-stack must be at least 1"),
+    for script, flags, message in ((deflow_o2o, ["--online-steps", "-1"], "--online-steps must be in [0, inf)"),
+                                   (deflow_o2o, ["--buffer-size", "0"], "--buffer-size must be in [1, inf)"),
+                                   (deflow_pixels, ["--frame-stack", "0"], "--frame-stack must be in [1, inf)"),
                                    (deflow_pixels, ["--p-aug", "1.5"], "--p-aug must be in [0, 1] (got 1.5)")):
         monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", *flags])
         with pytest.raises(SystemExit, match=re.escape(message)):
-            parse_args(script.Args, script.__doc__)
+            script.parse_args()
 
 
 def test_eval_episodes_zero_end_to_end_is_one_line():
     result = run_script("--env-name", ENV, "--eval-episodes", 0, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == ("error: --eval-episodes must be at least 1 (got 0); "
+    assert result.stderr.strip().splitlines()[-1] == ("error: --eval-episodes must be in [1, inf) (got 0); "
                                                       "--eval-interval 0 turns evaluation off")
 
 
-def test_precision_sets_tf32_on_cuda_only_unless_strict(capsys):
+def test_precision_sets_tf32_on_cuda_only_unless_strict(capsys, monkeypatch):
     """--precision tf32 (the default) turns TF32 on for CUDA's matmuls and convolutions, as JAX computes float32 on a
     GPU; float32 turns it off; a CPU has no TF32. (Only the backend flags are set here: no GPU needed.)"""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # (no CUDA memory is touched)
     try:
         for precision, device, tf32 in (("tf32", "cuda", True), ("float32", "cuda", False), ("bf16", "cuda", True),
                                         ("tf32", "cpu", False)):
-            assert start(SimpleNamespace(seed=0, device=device, precision=precision)) == torch.device(device)
+            assert setup(SimpleNamespace(seed=0, device=device, precision=precision)) == torch.device(device)
             assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
             line = capsys.readouterr().out
             assert line.startswith(f"--precision {precision} on {device}: ") and ("TF32" in line) == tf32
@@ -237,13 +234,13 @@ def test_bf16_keeps_q_and_every_loss_in_float32(script):
         features = batch["observations"]
     with torch.no_grad():
         agent.critic.net[-1].bias.fill_(-80.0)
-    with script.autocast(args, torch.device("cpu"), rollout=False):
+    with torch.autocast("cpu", torch.bfloat16):
         qs = agent.critic(features, batch["actions"])
         hidden = agent.critic.net[0](torch.cat([features, batch["actions"]], -1).expand(2, -1, -1))
     assert hidden.dtype == torch.bfloat16  # autocast is on: the matmuls run in bfloat16
     assert qs.dtype == torch.float32 and len(set(qs.flatten().tolist())) > 8  # not rounded to a bfloat16 grid
     draws = script.update_draws(*batch["actions"].shape, torch.device("cpu"), mse_rng=torch.Generator())
-    with script.autocast(args, torch.device("cpu"), rollout=False):
+    with torch.autocast("cpu", torch.bfloat16):  # as the scripts' loop runs the losses under --precision bf16
         loss, metrics = script.deflow_losses(agent, batch, draws, args)
     assert loss.dtype == torch.float32
     assert {name: value.dtype for name, value in metrics.items()} == dict.fromkeys(metrics, torch.float32)

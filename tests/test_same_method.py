@@ -12,7 +12,7 @@ import torch
 import deflow_o2o
 import deflow_offline
 import deflow_pixels
-from tests.conftest import TINY_NETS, random_batch
+from tests.conftest import TINY_NETS, random_batch, train_step
 
 OBS_DIM, ACTION_DIM = 6, 3
 
@@ -50,7 +50,8 @@ def three_updates(script, **overrides):
         batch = random_batch(batch_size=32, obs_dim=OBS_DIM, action_dim=ACTION_DIM, seed=step)
         batch["masks"] = (torch.rand(32, generator=torch.Generator().manual_seed(step)) > 0.3).float()
         log_rng = torch.Generator().manual_seed(2) if step == 2 else None
-        out.update({f"{step}:{k}": v for k, v in script.update(agent, optimizer, batch, args, log_rng).items()})
+        metrics = train_step(script, agent, optimizer, batch, args, log_rng)
+        out.update({f"{step}:{k}": v.detach() for k, v in metrics.items()})
         out.update({f"{step}:grad:{k}": p.grad for k, p in agent.named_parameters() if p.grad is not None})
     out.update({f"param:{k}": v for k, v in agent.state_dict().items()})
     for i, state in optimizer.state_dict()["state"].items():

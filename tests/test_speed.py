@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import deflow_offline
-from common.envs import make_eval_envs
-from common.runs import RunLog
-from deflow_offline import evaluate, sample_batch, update
-from tests.conftest import TINY_FLAGS, assert_compiled_update_equals_eager, random_batch, run_script, tiny_agent
+from common.video import write_videos
+from deflow_offline import evaluate, sample_batch
+from tests.conftest import (TINY_FLAGS, assert_compiled_update_equals_eager, make_envs, random_batch, run_script,
+                            tiny_agent, train_step)
 
 ENV = "cube-single-play-singletask-task1-v0"
 
@@ -55,7 +55,7 @@ def test_compiled_training_draws_fresh_independent_noise(compiled_losses, monkey
     monkeypatch.setattr(deflow_offline, "update_draws", lambda *a, **k: draws.append(real_update_draws(*a, **k)) or
                         draws[-1])
     for _ in range(16):
-        update(agent, optimizer, sample_batch(data, args.batch_size), args, losses=compiled_losses)
+        train_step(deflow_offline, agent, optimizer, sample_batch(data, args.batch_size), args, losses=compiled_losses)
     assert len(draws) == 16
     uses = {name: torch.stack([d[name] for d in draws]) for name in ("next_base_noise", "x_0", "base_noise")}
     for name, x in uses.items():  # (16 steps, 32, 5)
@@ -84,23 +84,22 @@ def test_side_by_side_evaluation_runs_every_episode_as_if_alone():
     seen = {}
 
     def noise_as_action(name):
-        def policy(agent, obs, noise, flow_steps):
+        def policy(agent, obs, noise, args):
             seen.setdefault(name, []).extend(zip(map(bytes, noise.numpy()), map(bytes, obs.numpy())))
             return noise.clamp(-1, 1)
         return policy
 
-    alone = evaluate(agent, make_eval_envs(ENV, 1)[0], 4, args, seed=3, step=1, policy=noise_as_action("alone"))
-    side_by_side = evaluate(agent, make_eval_envs(ENV, 3)[0], 4, args, seed=3, step=1,
-                            policy=noise_as_action("side by side"))
-    workers, where = make_eval_envs(ENV, 3, workers=True)
-    in_workers = evaluate(agent, workers, 4, args, seed=3, step=1, policy=noise_as_action("workers"))
+    args = dataclasses.replace(args, env_name=ENV, seed=3, eval_episodes=4)
+    alone = evaluate(agent, make_envs(1), args, 1, noise_as_action("alone"))
+    side_by_side = evaluate(agent, make_envs(3), args, 1, noise_as_action("side by side"))
+    workers = make_envs(3, workers=True)
+    in_workers = evaluate(agent, workers, args, 1, noise_as_action("workers"))
+    assert len(workers.processes) == 3
     workers.close()
-    assert where.startswith("3 evaluation environments side by side in 3 worker processes (")
-    assert float(where.split("(")[1].split(" GB")[0]) > 0.3  # the worker processes with their imports and envs
     assert alone == side_by_side == in_workers
     assert len(seen["alone"]) == 4 * 200 and set(seen["alone"]) == set(seen["side by side"]) == set(seen["workers"])
-    other_seed = evaluate(agent, make_eval_envs(ENV, 1)[0], 1, args, seed=100, step=1,
-                          policy=noise_as_action("other"))[0]
+    other_seed = evaluate(agent, make_envs(1), dataclasses.replace(args, seed=100, eval_episodes=1), 1,
+                          noise_as_action("other"))[0]
     assert other_seed["episode.length"] == 200 and not set(seen["other"]) & set(seen["alone"])
 
 
@@ -109,8 +108,8 @@ def test_side_by_side_policy_calls_match_one_state_at_a_time():
     agent, args = tiny_agent()
     obs, noise = torch.randn(5, 3), torch.randn(5, 2)
     with torch.no_grad():
-        batched = deflow_offline.sample_actions(agent, obs, noise, args.flow_steps)
-        alone = torch.cat([deflow_offline.sample_actions(agent, obs[i:i + 1], noise[i:i + 1], args.flow_steps)
+        batched = deflow_offline.sample_actions(agent, obs, noise, args)
+        alone = torch.cat([deflow_offline.sample_actions(agent, obs[i:i + 1], noise[i:i + 1], args)
                            for i in range(5)])
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
 
@@ -135,15 +134,15 @@ def test_videos_record_the_first_episodes_in_this_process_and_in_workers(tmp_pat
     agent, args = tiny_agent(obs_dim=28, action_dim=5, script=deflow_offline)
     results = []
     for workers in (False, True):
-        envs, _ = make_eval_envs(ENV, 2, workers=workers, max_episode_steps=3, record=True)
-        results.append(evaluate(agent, envs, 3, args, seed=0, step=1, video_episodes=2))
+        envs = make_envs(2, workers=workers, max_episode_steps=3, video=True)
+        args = dataclasses.replace(args, env_name=ENV, seed=0, eval_episodes=3)
+        results.append(evaluate(agent, envs, args, 1, video_episodes=2))
         envs.close()
     (metrics, videos), (metrics_workers, videos_workers) = results
     assert metrics == metrics_workers and metrics["episode.length"] == 3
     assert sorted(videos) == [0, 1] and videos[0].shape == (4, 200, 200, 3)  # the reset frame + 3 steps
     assert all(np.array_equal(videos[j], videos_workers[j]) for j in videos)
     assert not np.array_equal(videos[0][0], videos[0][-1])  # the arm moved
-    run = RunLog(dataclasses.replace(args, run_dir=str(tmp_path)))
-    run.videos({0: videos[0]}, step=7)
-    assert [p.name for p in (run.dir / "videos").iterdir()] == ["step00000007_episode0.mp4"]  # no temporary file
-    assert len(imageio.mimread(run.dir / "videos" / "step00000007_episode0.mp4")) == 4
+    write_videos(tmp_path / "videos", {0: videos[0]}, step=7)
+    assert [p.name for p in (tmp_path / "videos").iterdir()] == ["step00000007_episode0.mp4"]  # no temporary file
+    assert len(imageio.mimread(tmp_path / "videos" / "step00000007_episode0.mp4")) == 4

@@ -42,8 +42,8 @@ def test_max_q_refines_the_highest_q_sample_per_state(w):
     obs = torch.randn(4, 3)
     with torch.no_grad():
         noise = torch.randn((4, 10, 2))
-        got = sample_max_q(deflow_offline, agent, obs, noise, args.flow_steps)
-        samples = flow_actions(agent.flow, obs[:, None].expand(-1, 10, -1), noise, args.flow_steps)
+        got = sample_max_q(deflow_offline, agent, obs, noise, args)
+        samples = flow_actions(agent.flow, obs[:, None].expand(-1, 10, -1), noise, args)
     q = samples @ torch.tensor(w)
     torch.testing.assert_close(got, samples[torch.arange(4), q.argmax(1)])
     assert not torch.allclose(got, samples[torch.arange(4), q.argmin(1)])  # the official argmin picks another
@@ -55,11 +55,11 @@ def test_iterative_keeps_the_unrefined_action_among_its_candidates():
     obs = torch.randn(6, 3)
     with torch.no_grad():
         noise = torch.randn((6, 2))
-        a0 = flow_actions(agent.flow, obs, noise, args.flow_steps)
+        a0 = flow_actions(agent.flow, obs, noise, args)
         agent.critic = LinearQ([-1.0, -1.0])  # prefers low actions: the unrefined a0 is the best candidate
-        low = sample_iterative(deflow_offline, agent, obs, noise, args.flow_steps, 5)
+        low = sample_iterative(deflow_offline, agent, obs, noise, args, 5)
         agent.critic = LinearQ([1.0, 1.0])  # prefers high actions: the fifth refinement
-        high = sample_iterative(deflow_offline, agent, obs, noise, args.flow_steps, 5)
+        high = sample_iterative(deflow_offline, agent, obs, noise, args, 5)
     torch.testing.assert_close(low, a0)
     torch.testing.assert_close(high, (a0 + 5 * 0.3).clamp(-1, 1))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import platform
 import resource
 import statistics
@@ -41,7 +42,6 @@ import tyro
 from torch.utils.flop_counter import FlopCounterMode
 
 import deflow_offline
-from common.envs import make_eval_envs, resident_gb
 
 OBS_DIM, ACTION_DIM = 28, 5  # cube-single
 
@@ -68,6 +68,18 @@ class Args:
     """also time the two speed rewrites (see above), each changed alone on top of --compile"""
     out: str = "runs/benchmark-{device}.md"
     """where the tables go ({device} is replaced)"""
+
+
+def resident_gb(pid: int | str = "self") -> float:
+    """Resident memory of a process in GB, from /proc (Linux); 0.0 elsewhere."""
+    try:
+        return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:")) / 1e6
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def make_eval_envs(env_name: str, num_envs: int):
+    return deflow_offline.make_eval_envs(dataclasses.replace(deflow_offline.Args(), env_name=env_name), num_envs)
 
 
 def sync(device: torch.device) -> None:
@@ -110,19 +122,28 @@ def make_step(script, width: int, device: torch.device, compiled: bool, precisio
     batch_size = args.batch_size
     optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)
     losses = torch.compile(script.deflow_losses, mode=mode) if compiled else script.deflow_losses
+    if "loss" in inspect.signature(script.update).parameters:  # the scripts' loop: losses, then update()
+        losses = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")(losses)
+
+        def update(agent, optimizer, batch, args, losses):
+            loss, metrics = losses(agent, batch, script.update_draws(batch_size, ACTION_DIM, device), args)
+            script.update(agent, optimizer, loss, args)
+            return metrics
+    else:  # an older checkout: update(..., losses=) draws, computes and steps
+        update = script.update
 
     def step(data):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        return script.update(agent, optimizer, script.sample_batch(data, batch_size), args, losses=losses)
+        return update(agent, optimizer, script.sample_batch(data, batch_size), args, losses=losses)
 
     return step, agent, args, optimizer
 
 
-def split_flow_actions(flow, obs, noise, flow_steps):
+def split_flow_actions(flow, obs, noise, args):
     """flow_actions with the flow's first layer W [s, x, t] + b split as W_s s + (W_x x + b + t W_t): W_s s once."""
-    first, rest = flow.net[0], flow.net[1:]
+    first, rest, flow_steps = flow.net[0], flow.net[1:], args.flow_steps
     w_s, w_x, w_t = first.weight.split([obs.shape[-1], noise.shape[-1], 1], dim=1)
     obs_part = torch.nn.functional.linear(obs, w_s)
     x = noise
@@ -221,11 +242,11 @@ def evaluation_rows(args: Args, device: torch.device) -> list[list[str]]:
     """Each layout's environments are made once (their memory measured then); the rows take turns, --eval-rounds
     times. This checkout only: an older one evaluates on its own environment pool (time it in its own checkout)."""
     default_envs = deflow_offline.Args().eval_envs
-    make_eval_envs(args.env_name, 1)[0].close()  # imports MuJoCo and OGBench first, as the scripts' loading does
+    make_eval_envs(args.env_name, 1).close()  # imports MuJoCo and OGBench first, as the scripts' loading does
     pools, memory = {}, {}
     for num_envs in (default_envs, 50):
         before = resident_gb()
-        pools[num_envs] = make_eval_envs(args.env_name, num_envs)[0]
+        pools[num_envs] = make_eval_envs(args.env_name, num_envs)
         memory[num_envs] = resident_gb() - before
     rows = [(default_envs, deflow_offline, False), (default_envs, deflow_offline, True), (50, deflow_offline, False)]
     runs = []
@@ -237,15 +258,14 @@ def evaluation_rows(args: Args, device: torch.device) -> list[list[str]]:
         agent = script.DeFlowAgent(OBS_DIM, ACTION_DIM, agent_args).to(device)
         policy = getattr(script, "eval_actions", script.sample_actions)  # an older checkout: eval_actions
         policy = torch.compile(policy, dynamic=True) if compiled else policy
-        if compiled:
-            script.evaluate(agent, pools[num_envs], 2 * num_envs, agent_args, seed=10_000, step=1,
-                            policy=policy)  # compiles
-        runs.append((script, agent, agent_args, policy, []))
+        if compiled:  # compiles
+            script.evaluate(agent, pools[num_envs], dataclasses.replace(agent_args, eval_episodes=2 * num_envs,
+                                                                        seed=10_000), 1, policy)
+        runs.append((script, agent, dataclasses.replace(agent_args, eval_episodes=args.eval_episodes), policy, []))
     for _ in range(args.eval_rounds):
         for (num_envs, *_), (script, agent, agent_args, policy, seconds) in zip(rows, runs):
             start = time.perf_counter()
-            result = script.evaluate(agent, pools[num_envs], args.eval_episodes, agent_args, seed=0, step=1,
-                                     policy=policy)[0]
+            result = script.evaluate(agent, pools[num_envs], agent_args, 1, policy)[0]
             seconds.append(time.perf_counter() - start)
             assert result["episode.length"] == 200  # untrained: every episode runs to the time limit
     out = []

@@ -27,8 +27,6 @@ import torch
 import tyro
 
 from common.datasets import make_env
-from common.envs import make_eval_envs
-from common.runs import load_checkpoint, saved_args
 
 
 @dataclasses.dataclass
@@ -78,28 +76,35 @@ def best_by_q(agent, critic_input, candidates):
     return candidates[torch.arange(batch, device=candidates.device), q.reshape(batch, n).argmax(1)]
 
 
-def sample_max_q(script, agent, obs, noise, flow_steps):
+def sample_max_q(script, agent, obs, noise, run_args):
     """noise (B, N, A): N flow samples per state; refine the one with the highest Q."""
     flow_input, refine_input, critic_input = inputs(agent, obs)
     batch, n, action_dim = noise.shape
     base = script.flow_actions(agent.flow, flow_input.repeat_interleave(n, 0), noise.reshape(batch * n, action_dim),
-                               flow_steps)
+                               run_args)
     best = best_by_q(agent, critic_input, base.reshape(batch, n, action_dim))
     return (best + agent.refine(refine_input, best)).clamp(-1, 1)
 
 
-def sample_iterative(script, agent, obs, noise, flow_steps, refine_steps):
+def sample_iterative(script, agent, obs, noise, run_args, refine_steps):
     flow_input, refine_input, critic_input = inputs(agent, obs)
-    candidates = [script.flow_actions(agent.flow, flow_input, noise, flow_steps)]
+    candidates = [script.flow_actions(agent.flow, flow_input, noise, run_args)]
     for _ in range(refine_steps):
         candidates.append((candidates[-1] + agent.refine(refine_input, candidates[-1])).clamp(-1, 1))
     return best_by_q(agent, critic_input, torch.stack(candidates, dim=1))
 
 
 def main(args: Args) -> dict:
-    checkpoint = load_checkpoint(args.checkpoint)
+    import deflow_offline  # (every script's load_checkpoint is the same)
+
+    checkpoint = deflow_offline.load_checkpoint(args.checkpoint)
     script = script_of(checkpoint["args"])
-    run_args = saved_args(script.Args, checkpoint)
+    fields = {field.name for field in dataclasses.fields(script.Args)}
+    run_args = script.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()
+                              if k in fields})
+    seed = run_args.seed if args.seed is None else args.seed
+    run_args = dataclasses.replace(run_args, seed=seed, eval_episodes=args.episodes, eval_workers=False,
+                                   capture_video=False)
     weights = [v for k, v in checkpoint["agent"].items() if k.startswith("refine.net.") and k.endswith(".weight")]
     action_dim = weights[-1].shape[0]  # the refinement network's output layer
     if script.__name__ == "deflow_pixels":
@@ -109,17 +114,13 @@ def main(args: Args) -> dict:
         agent = script.DeFlowAgent(weights[0].shape[1] - action_dim, action_dim, run_args)
     agent.load_state_dict(checkpoint["agent"])
     agent.to(args.device).eval()
-    envs, _ = make_eval_envs(run_args.env_name, max(1, min(args.envs, args.episodes)),
-                             max_episode_steps=getattr(run_args, "eval_max_episode_steps", None),
-                             frame_stack=getattr(run_args, "frame_stack", 1))
+    envs = script.make_eval_envs(run_args, max(1, min(args.envs, args.episodes)))
     policy, noise_shape = script.sample_actions, ()
     if args.sampler == "max-q":
         policy, noise_shape = partial(sample_max_q, script), (args.num_samples,)
     elif args.sampler == "iterative":
         policy = partial(sample_iterative, script, refine_steps=args.refine_steps)
-    seed = run_args.seed if args.seed is None else args.seed
-    metrics, _ = script.evaluate(agent, envs, args.episodes, run_args, seed, checkpoint["step"], policy=policy,
-                                 noise_shape=noise_shape)
+    metrics, _ = script.evaluate(agent, envs, run_args, checkpoint["step"], policy, noise_shape)
     envs.close()
     result = {"checkpoint": args.checkpoint, "step": checkpoint["step"], "sampler": args.sampler,
               "episodes": args.episodes, "seed": seed, **{f"evaluation/{k}": v for k, v in metrics.items()}}

@@ -8,7 +8,7 @@
 Each update case builds the official agent (agents/deflow.py) at small sizes and moves its target critic off the
 critic (so that the TD target and the EMA really use two networks); maps every official parameter into the script's
 own agent (strict, every tensor both ways); and runs one update of each from the same batch and the same random
-draws (the official key tree's, handed to the script's update() through its update_draws). It compares every logged
+draws (the official key tree's, handed to the script's deflow_losses instead of its update_draws). It compares every logged
 metric, every gradient of the total loss, the parameters after Adam and the target critic after the EMA, and prints
 one line per case and group: the largest relative difference and its tolerance (docs/deviations.md, "Parity with the
 official code", says why each is what it is). Exit status 0 when every group is within, 1 otherwise.
@@ -195,12 +195,9 @@ def compare_update(case: str, official: dict, args: Args) -> dict:
     draws = {DRAWS[k]: torch.tensor(v) for k, v in official["draws"].items()}
     losses = torch.compile(script.deflow_losses) if args.compile else script.deflow_losses
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=script_args.lr, fused=True)
-    real_draws, script.update_draws = script.update_draws, lambda *a, **k: dict(draws)  # the official draws
-    try:
-        frozen = {"train_flow": False} if config.get("fix_bc_flow_online") else {}
-        metrics = script.update(agent, optimizer, batch, script_args, torch.Generator(), losses=losses, **frozen)
-    finally:
-        script.update_draws = real_draws
+    frozen = (False,) if config.get("fix_bc_flow_online") else ()  # o2o's train_flow
+    loss, metrics = losses(agent, batch, draws, script_args, *frozen)  # the official draws
+    script.update(agent, optimizer, loss, script_args)
     if set(metrics) != set(official["metrics"]):
         raise SystemExit(f"error: metric names differ: {set(metrics) ^ set(official['metrics'])}")
     worst = {"metrics": max((abs(v.item() - official["metrics"][k]) / max(abs(official["metrics"][k]), 1e-12), k)

@@ -30,7 +30,6 @@ from typing import Literal, Optional
 import tyro
 
 from tools import recipes, require
-from common.runs import run_name_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +100,7 @@ def plan(args: Args, extra: list[str]) -> list[Job]:
             except KeyError as e:
                 sys.exit(f"error: {e.args[0]}")
         for seed in args.seeds:
-            job_dir = Path(args.sweep_dir).resolve() / script.stem / run_name_of(env_name) / f"seed{seed}"
+            job_dir = Path(args.sweep_dir).resolve() / script.stem / env_name.replace("/", "-") / f"seed{seed}"
             command = [sys.executable, str(ROOT / script.name), "--env-name", env_name, "--seed", str(seed),
                        "--run-dir", str(job_dir), "--save-interval", str(args.save_interval), *recipe, *extra]
             checkpoints = checkpoints_in(job_dir)
@@ -126,7 +125,7 @@ def checkpoints_in(job_dir: Path) -> list[Path]:
 
 def start_checkpoint(sweep_dir: str, env_name: str, seed: int) -> Path:
     """--start-from: the latest deflow_offline.py checkpoint of (task, seed) in another sweep's folder."""
-    folder = Path(sweep_dir).resolve() / "deflow_offline" / run_name_of(env_name) / f"seed{seed}"
+    folder = Path(sweep_dir).resolve() / "deflow_offline" / env_name.replace("/", "-") / f"seed{seed}"
     sources = checkpoints_in(folder)
     if not sources:
         sys.exit(f"error: --start-from {sweep_dir}: no deflow_offline.py checkpoint of {env_name} seed {seed} in "
