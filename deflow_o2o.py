@@ -378,13 +378,11 @@ def resume_episode(env, saved, device):
 class Args:
     exp_name: str = "deflow_o2o"  # experiment name (part of the run folder's name)
     seed: int = 0  # seed of python, numpy, torch and evaluation episodes (not of generated data)
-    env_name: str = "cube-double-play-singletask-v0"
-    """OGBench <dataset>-singletask[-taskN]-v0, or a D4RL (Minari) id: D4RL/antmaze/large-play-v1"""
+    env_name: str = "cube-double-play-singletask-v0"  # OGBench task, or D4RL/antmaze/large-play-v1
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'
     run_dir: str = "runs"  # where run folders go (args.json, train.csv, eval.csv, checkpoint.pt)
     resume: Optional[str] = None
-    """a run's checkpoint.pt: continue it exactly (flags here override); deflow_offline.py's: go
-    online from it"""
+    """a run's folder (or checkpoint.pt): continue it exactly; a deflow_offline.py run's: go online"""
     track: bool = False  # also log to Weights & Biases (honours WANDB_MODE=offline)
     wandb_project_name: str = "deflow"  # wandb project
     wandb_entity: Optional[str] = None  # wandb entity (team); None: your default

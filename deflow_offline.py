@@ -271,7 +271,7 @@ class Args:
     env_name: str = "cube-double-play-singletask-v0"  # OGBench task, or D4RL/antmaze/large-play-v1
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'
     run_dir: str = "runs"  # where run folders go (args.json, train.csv, eval.csv, checkpoint.pt)
-    resume: Optional[str] = None  # a run's checkpoint.pt: continue it exactly (flags here override)
+    resume: Optional[str] = None  # a run's folder (or checkpoint.pt): continue it exactly
     track: bool = False  # also log to Weights & Biases (honours WANDB_MODE=offline)
     wandb_project_name: str = "deflow"  # wandb project
     wandb_entity: Optional[str] = None  # wandb entity (team); None: your default
@@ -287,7 +287,8 @@ class Args:
     eval_workers: bool = False  # step the evaluation environments in processes of their own
     capture_video: bool = False  # write the first --video-episodes of evaluations to <run>/videos
     video_episodes: int = 1  # evaluation episodes recorded by --capture-video (at most --eval-envs)
-    save_interval: Optional[int] = None  # checkpoint every N (None: a tenth; 0: end only), 30 min
+    save_interval: Optional[int] = None
+    """checkpoint.pt every N updates (None: a tenth of the run; 0: end only), 30 min and the end"""
     lr: float = 3e-4  # Adam learning rate (log_alpha's too)
     batch_size: int = 256  # transitions per update (one batch for critic and actor)
     actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)  # hidden widths: the BC flow

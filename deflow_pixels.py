@@ -394,7 +394,7 @@ class Args:
     """visual OGBench visual-<dataset>-singletask[-taskN]-v0 (the paper's pixel tasks are task1)"""
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'
     run_dir: str = "runs"  # where run folders go (args.json, train.csv, eval.csv, checkpoint.pt)
-    resume: Optional[str] = None  # a run's checkpoint.pt: continue it exactly (flags here override)
+    resume: Optional[str] = None  # a run's folder (or checkpoint.pt): continue it exactly
     track: bool = False  # also log to Weights & Biases (honours WANDB_MODE=offline)
     wandb_project_name: str = "deflow"  # wandb project
     wandb_entity: Optional[str] = None  # wandb entity (team); None: your default
