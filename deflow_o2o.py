@@ -382,7 +382,7 @@ class Args:
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'
     run_dir: str = "runs"  # where run folders go (args.json, train.csv, eval.csv, checkpoint.pt)
     resume: Optional[str] = None
-    """a run's folder (or checkpoint.pt): continue it exactly; a deflow_offline.py run's: go online"""
+    """a run folder (or its checkpoint.pt): continue it exactly; deflow_offline.py's: go online"""
     track: bool = False  # also log to Weights & Biases (honours WANDB_MODE=offline)
     wandb_project_name: str = "deflow"  # wandb project
     wandb_entity: Optional[str] = None  # wandb entity (team); None: your default
