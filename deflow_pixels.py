@@ -82,8 +82,8 @@ class VelocityField(nn.Module):
 
 
 class Refinement(nn.Module):
-    """f(s, a_base) -> R^A, unbounded: the residual on the flow's action (officially the same class
-    as the velocity field, ActorVectorField, called without t)."""
+    """f(s, a_base) -> R^A, unbounded: the residual on the flow's action (officially an
+    ActorVectorField, the velocity field's class, called without t)."""
 
     def __init__(self, obs_dim, action_dim, hidden_dims, layer_norm):
         super().__init__()
@@ -185,29 +185,6 @@ class ImpalaEncoder(nn.Module):
         for conv, block in zip(self.convs, self.blocks):
             x = block(max_pool_same(conv(x)))
         return self.head(F.relu(x).permute(0, 2, 3, 1).flatten(1))  # flattened (H, W, C) like Flax
-
-
-class VelocityField(nn.Module):
-    """The BC flow's velocity v(s, x_t, t) -> R^A; t is a raw scalar (no embedding)."""
-
-    def __init__(self, obs_dim, action_dim, hidden_dims, layer_norm):
-        super().__init__()
-        self.net = mlp(obs_dim + action_dim + 1, hidden_dims, action_dim, layer_norm)
-
-    def forward(self, obs, x, t):
-        return self.net(torch.cat([obs, x, t], dim=-1))
-
-
-class Refinement(nn.Module):
-    """f(s, a_base) -> R^A, unbounded: the residual on the flow's action (officially an
-    ActorVectorField, the velocity field's class, called without t)."""
-
-    def __init__(self, obs_dim, action_dim, hidden_dims, layer_norm):
-        super().__init__()
-        self.net = mlp(obs_dim + action_dim, hidden_dims, action_dim, layer_norm)
-
-    def forward(self, obs, base_actions):
-        return self.net(torch.cat([obs, base_actions], dim=-1))
 
 
 class DeFlowAgent(nn.Module):

@@ -40,8 +40,11 @@ def marked_names(lines: list[str]) -> dict[str, str]:
 def definitions(text: str) -> dict[str, tuple[int, int]]:
     """{name: (first line, last line)} (0-based, inclusive; decorators included) of the module's top-level
     functions, classes and single-name assignments."""
-    spans = {}
-    for node in ast.parse(text).body:
+    spans, nodes = {}, ast.parse(text).body
+    names = [getattr(node, "name", None) for node in nodes]
+    if twice := {name for name in names if name and names.count(name) > 1}:
+        raise SystemExit(f"error: defined twice at the top level: {', '.join(sorted(twice))}")
+    for node in nodes:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 1
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             spans[node.name] = (first, node.end_lineno - 1)
