@@ -739,6 +739,9 @@ class Logger:
             name = f"{env}__{args.exp_name}__{args.seed}__{time.time():.0f}_"
         self.dir = Path(args.resume).parent if resume_step else Path(
             tempfile.mkdtemp(prefix=name, dir=args.run_dir))
+        if resume_step is None:  # readable as mkdir makes folders (mkdtemp's are the owner's only)
+            os.umask(umask := os.umask(0))  # (read the umask: set one, set it back)
+            os.chmod(self.dir, 0o777 & ~umask)
         self.lock = open(self.dir / "lock", "a+")  # one process a run; the OS frees it if it dies
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

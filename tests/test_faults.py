@@ -124,6 +124,11 @@ def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path, monkeypat
     first, second = deflow_offline.Logger(args), deflow_offline.Logger(args)
     assert first.dir != second.dir and first.dir.name.startswith(f"{ENV}__deflow_offline__0__1800000000_")
     assert sorted(p.name for p in first.dir.iterdir()) == ["args.json", "lock"]
+    umask = os.umask(0o022)  # folders as mkdir makes them (tempfile.mkdtemp's alone would be 0o700)
+    try:
+        assert os.stat(deflow_offline.Logger(args).dir).st_mode & 0o777 == 0o755
+    finally:
+        os.umask(umask)
 
 
 def test_a_checkpoint_never_holds_a_nan(run):
