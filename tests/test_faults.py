@@ -5,7 +5,6 @@ docs/reliability.md lists them with what each gets."""
 import fcntl
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import deflow_o2o
 import deflow_offline
 import deflow_pixels
-from tests.conftest import ROOT, TINY_FLAGS, read_csv, run_script
+from tests.conftest import TINY_FLAGS, read_csv, run_script, run_straight_and_killed
 
 ENV = "cube-single-play-singletask-task1-v0"
 
@@ -192,37 +191,12 @@ def test_auto_on_the_resume_of_an_auto_run_is_the_run_s_delta(tmp_path, cube_dat
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"]["target_divergence"] == delta
 
 
-def kill_and_resume(tmp_path, flags, line, script="deflow_offline.py"):
-    """The run of `flags` straight, and killed (SIGKILL) once it prints `line`, then resumed: their folders."""
-    run_script(*flags, "--run-dir", tmp_path / "straight", script=script)
-    command = [sys.executable, str(ROOT / script), *map(str, flags), "--run-dir", str(tmp_path / "killed")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for printed in process.stdout:
-        if printed.startswith(line):
-            process.kill()
-            break
-    process.wait(timeout=60)
-    (straight,), (killed,) = (tmp_path / "straight").iterdir(), (tmp_path / "killed").iterdir()
-    run_script("--resume", killed, script=script)
-    return straight, killed
-
-
 def test_killed_during_an_evaluation_or_a_checkpoint_write_resumes_to_the_same_numbers(tmp_path, cube_dataset):
     """Killed as the evaluation of update 20 starts (after its log line), with a half-written checkpoint.pt.tmp left
     as a kill during the write leaves it: the resume continues from update 10 and ends as the straight run."""
     flags = ["--env-name", ENV, "--dataset-path", cube_dataset, "--offline-steps", 30, "--log-interval", 10,
              "--eval-interval", 10, "--eval-episodes", 2, "--save-interval", 10, *TINY_FLAGS]
-    run_script(*flags, "--run-dir", tmp_path / "straight")
-    command = [sys.executable, str(ROOT / "deflow_offline.py"), *map(str, flags), "--run-dir", str(tmp_path / "killed")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for printed in process.stdout:
-        if printed.startswith("step 20: critic_loss"):
-            process.kill()
-            break
-    process.wait(timeout=60)
-    (straight,), (killed,) = (tmp_path / "straight").iterdir(), (tmp_path / "killed").iterdir()
+    straight, killed = run_straight_and_killed(tmp_path, flags, "step 20: critic_loss")
     assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 10
     (killed / "checkpoint.pt.tmp").write_bytes((killed / "checkpoint.pt").read_bytes()[:1000])
     assert "at step 11" in run_script("--resume", killed).stdout
@@ -240,7 +214,8 @@ def test_killed_o2o_mid_episode_and_pixels_resume_to_the_same_numbers(tmp_path, 
                  "--offline-steps", 6, "--log-interval", 2, "--save-interval", 2, "--eval-interval", 0,
                  "--encoder-stack-sizes", 4, 4, "--encoder-head-dims", 16, *TINY_FLAGS, "--batch-size", 8]
         line = "step 4: critic_loss"
-    straight, killed = kill_and_resume(tmp_path, flags, line, script)
+    straight, killed = run_straight_and_killed(tmp_path, flags, line, script)
+    run_script("--resume", killed, script=script)
     assert numbers(killed) == numbers(straight)
 
 

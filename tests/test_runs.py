@@ -2,9 +2,7 @@
 checkpoints moving between device types, the precision choices, and counts a user can get wrong."""
 
 import dataclasses
-import os
 import re
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -15,7 +13,7 @@ import deflow_o2o
 import deflow_offline
 import deflow_pixels
 from deflow_offline import checkpoint_due, parse_args, setup
-from tests.conftest import ROOT, TINY_FLAGS, random_batch, read_csv, run_script, tiny_agent
+from tests.conftest import TINY_FLAGS, random_batch, read_csv, run_script, run_straight_and_killed, tiny_agent
 from tests.test_pixels import pixel_batch, tiny_agent as tiny_pixel_agent
 
 ENV = "cube-single-play-singletask-task1-v0"
@@ -55,16 +53,7 @@ def test_a_default_run_killed_midway_loses_at_most_a_tenth_and_resumes_exactly(t
     of its 1000 updates, and resuming it ends with the numbers and agent of a run never interrupted."""
     flags = ["--env-name", ENV, "--dataset-path", cube_dataset, "--offline-steps", 1000, "--log-interval", 100,
              "--eval-interval", 0, *TINY_FLAGS]
-    run_script(*flags, "--run-dir", tmp_path / "straight")
-    command = [sys.executable, str(ROOT / "deflow_offline.py"), *map(str, flags), "--run-dir", str(tmp_path / "killed")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:
-        if line.startswith("step 300:"):
-            process.kill()
-            break
-    process.wait(timeout=60)
-    (straight,), (killed,) = (tmp_path / "straight").iterdir(), (tmp_path / "killed").iterdir()
+    straight, killed = run_straight_and_killed(tmp_path, flags, "step 300:")
     step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert step % 100 == 0 and 200 <= step < 1000, step
     assert "resuming" in run_script("--resume", killed / "checkpoint.pt").stdout
