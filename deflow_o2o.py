@@ -37,8 +37,8 @@ from gymnasium.vector import AutoresetMode
 from numpy.random import SeedSequence
 from tqdm import tqdm
 
-from common.datasets import DatasetError, data_fingerprint, load_env_and_datasets, make_env
-from common.datasets import optional
+from common.datasets import DatasetError, available_memory, data_fingerprint, load_env_and_datasets
+from common.datasets import make_env, optional
 
 
 # Networks. Flax conventions: Linear -> GELU(tanh) -> [LayerNorm(eps 1e-6)] per hidden layer,
@@ -517,14 +517,11 @@ def setup(args):
 
 
 def check_memory(args, device, agent, data_bytes=0, sample_floats=0):
-    """Refuse what cannot fit: the agent (on the meta device) with gradients and Adam, about a
-    batch's activations (widths over flow steps and losses; sample_floats a sample), data_bytes."""
+    """Refuse what cannot fit: the (meta) agent with grads and Adam, a batch's activations, data."""
     widths = sum(sum(getattr(args, name, ())) for name in WIDTHS)
     need = 16 * sum(p.numel() for p in agent.parameters()) + data_bytes + 12 * args.batch_size * (
         widths * (2 * args.flow_steps + 8) + sample_floats)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else next(
-        int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if "MemAvailable" in line)
-    if need > free:
+    if need > (free := available_memory(device)):
         sys.exit(f"error: --batch-size {args.batch_size}, these widths and the data need about "
                  f"{need / 2**30:.1f} GiB on {device}, which has {free / 2**30:.1f} GiB free; "
                  "lower them or use another device")
@@ -550,8 +547,7 @@ def compiled(losses, args, device):
 # step, j]) (officially unseeded resets): no two episodes of any evaluation of any run share either.
 # Copied from deflow_offline.py: EvaluationEnv, make_eval_envs, evaluate
 class EvaluationEnv(gymnasium.Wrapper):
-    """Reset without a seed, it parks (vectors with autoreset off may not step a finished
-    environment) until its next reset. Its info: only `success`."""
+    """Reset without a seed, parks (autoreset-off vectors may not step it); info: only success."""
 
     def __init__(self, env):
         super().__init__(env)
@@ -691,8 +687,7 @@ def save_checkpoint(run_dir, step, agent, optimizer, log_rng, args, data, saved,
 
 
 def restore(checkpoint, agent, optimizer, log_rng, args, data):
-    """Load the agent, Adam (at this --lr) and the random streams; the step to continue from.
-    From another device type (CPU <-> CUDA) the streams restart, seeded by (seed, step)."""
+    """Load the agent, Adam (at this --lr) and the random streams; the step to continue from."""
     path, step, rng = args.resume, checkpoint["step"], checkpoint["rng"]
     if checkpoint["data"] != data:
         sys.exit(f"error: {path} was trained on other data ({checkpoint['data']}) than given here "
@@ -712,7 +707,7 @@ def restore(checkpoint, agent, optimizer, log_rng, args, data):
         if rng["cuda"] is not None and log_rng.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], log_rng.device)
         log_rng.set_state(rng["log"])
-    else:  # [seed, step, 2**32 - 1]: no episode's words
+    else:  # CPU <-> CUDA: new streams from [seed, step, 2**32 - 1] (no episode's words)
         seeds = SeedSequence([args.seed, step, 2**32 - 1]).generate_state(2)
         torch.manual_seed(int(seeds[0]))
         log_rng.manual_seed(int(seeds[1]))
@@ -723,8 +718,7 @@ def restore(checkpoint, agent, optimizer, log_rng, args, data):
 
 
 def checkpoint_due(args, step, is_end, total_steps, last_save):
-    """Every --save-interval (None: a tenth of the run; 0: only at the end), 30 minutes after the
-    last one, and at the end."""
+    """Every --save-interval (None: a tenth; 0: none), after 30 min without one, and at the end."""
     every = max(1, total_steps // 10) if args.save_interval is None else args.save_interval
     return is_end or bool(every) and (step % every == 0 or time.monotonic() - last_save > 1800)
 
@@ -733,14 +727,14 @@ def checkpoint_due(args, step, is_end, total_steps, last_save):
 # args.json, train.csv, eval.csv (a row per logging step or evaluation; --track: also to wandb).
 class Logger:
     def __init__(self, args, resume_step=None):
-        if resume_step is None:  # a new folder of its own, even for two runs started in one second
+        if resume_step:
+            self.dir = Path(args.resume).parent
+        else:  # a new folder of its own, even for two runs started in one second
             Path(args.run_dir).mkdir(parents=True, exist_ok=True)
             env = args.env_name.replace("/", "-")  # (D4RL ids have slashes)
             name = f"{env}__{args.exp_name}__{args.seed}__{time.time():.0f}_"
-        self.dir = Path(args.resume).parent if resume_step else Path(
-            tempfile.mkdtemp(prefix=name, dir=args.run_dir))
-        if resume_step is None:  # readable as mkdir makes folders (mkdtemp's are the owner's only)
-            os.umask(umask := os.umask(0))  # (read the umask: set one, set it back)
+            self.dir = Path(tempfile.mkdtemp(prefix=name, dir=args.run_dir))
+            os.umask(umask := os.umask(0))  # readable as mkdir makes folders (mkdtemp: owner only)
             os.chmod(self.dir, 0o777 & ~umask)
         self.lock = open(self.dir / "lock", "a+")  # one process a run; the OS frees it if it dies
         try:
@@ -789,7 +783,7 @@ class Logger:
 def check_finite(metrics, first_bad, step, run_dir, saved):
     """first_bad: per loss term, the first step it was NaN or inf, kept on the device (no host
     sync); with run_dir (a logging or checkpoint step), stop the run naming them."""
-    values = torch.stack([v for k, v in metrics.items() if k != "actor/mse"])
+    values = torch.stack([v.detach() for k, v in metrics.items() if k != "actor/mse"])
     first_bad = torch.where((first_bad == 0) & ~values.isfinite(), step, first_bad)
     if run_dir is not None and first_bad.any():
         names = [k for k in metrics if k != "actor/mse"]

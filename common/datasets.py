@@ -1,11 +1,11 @@
-"""OGBench single-task environments and their datasets, with errors that say how to fix them. A downloaded file
-and a generated one (common/generate.py) go through `ogbench.make_env_and_datasets`, which relabels rewards and masks
-for the task; D4RL ids go to common/d4rl.py. Actions are clipped to [-1 + 1e-5, 1 - 1e-5], as officially."""
+"""OGBench tasks and their datasets (downloaded or generated files relabeled by `ogbench.make_env_and_datasets`; D4RL
+ids: common/d4rl.py), errors that say how to fix them. Actions are clipped to [-1 + 1e-5, 1 - 1e-5], as officially."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import socket
 import sys
 import urllib.error
@@ -30,8 +30,7 @@ def dataset_name_of(env_name: str) -> str:
 
 
 def optional(module: str, needed_by: str | None = None):
-    """common/<module>.py, imported only for what needs it. Missing (a copy without it): None if nothing needs it,
-    else one line naming the file to copy."""
+    """common/<module>.py, imported only for what needs it; missing: None, or one line naming the file to copy."""
     try:
         return importlib.import_module(f"common.{module}")
     except ModuleNotFoundError as e:
@@ -51,7 +50,6 @@ def single_task_gym_id(env_name: str) -> str:
     """'cube-single-play-singletask-task2-v0' -> 'cube-single-singletask-task2-v0', in OGBench's registry."""
     import gymnasium
     import ogbench  # noqa: F401  (registers the environments)
-
     parts, families = env_name.split("-"), f"Supported families: {', '.join(FAMILIES)}."
     if "singletask" not in parts or not env_name.removeprefix("visual-").startswith(FAMILIES):
         d4rl = optional("d4rl")
@@ -72,10 +70,8 @@ def single_task_gym_id(env_name: str) -> str:
 
 
 def make_env(env_name: str, max_episode_steps: int | None = None):
-    """A fresh environment of the task (D4RL ids: D4RL's evaluation environment); another episode length than the
-    task's (`max_episode_steps`) is for quick checks only."""
+    """A fresh environment of the task (D4RL: D4RL's); another `max_episode_steps` is for quick checks only."""
     import gymnasium
-
     if "/" in env_name:
         return optional("d4rl", "a D4RL id").make_env(env_name, max_episode_steps)
     return gymnasium.make(single_task_gym_id(env_name), max_episode_steps=max_episode_steps)
@@ -107,7 +103,6 @@ def resolve_files(env_name: str, dataset_dir: str, dataset_path: str | None, gen
     train, local = Path(dataset_dir).expanduser() / f"{name}.npz", f"data/{name.replace('-v0', '')}-1000ep.npz"
     if not (train.exists() and val_path(train).exists()):
         import ogbench
-
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)
         try:
@@ -145,9 +140,20 @@ def check_finite(data: dict[str, np.ndarray], source: str) -> None:
                                f"(first: row {bad.argmax()}); fix or regenerate the dataset")
 
 
+def available_memory(device) -> int:
+    """Bytes free on `device`: free CUDA memory, or the host's MemAvailable for the CPU."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def data_fingerprint(train: dict, val: dict | None) -> str:
-    """What identifies a run's data wherever its files lie: the sizes and a hash of the actions (training and
-    validation; numpy arrays or tensors)."""
+    """What identifies a run's data wherever its files lie: sizes and a hash of the (train, val) actions."""
     arrays = [np.asarray(d["actions"].cpu() if hasattr(d["actions"], "cpu") else d["actions"])
               for d in (train, val) if d]
     digest = hashlib.sha1(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()[:12]
@@ -156,9 +162,9 @@ def data_fingerprint(train: dict, val: dict | None) -> str:
 
 def load_env_and_datasets(env_name: str, dataset_dir: str = "~/.ogbench/data", dataset_path: str | None = None,
                           generate_episodes: int = 0, num_workers: int = 1):
-    """(env, train, val): the task's environment and dicts of numpy arrays (KEYS) from `dataset_path` (validation:
-    -val.npz; generated with `generate_episodes` > 0 if missing), else from OGBench's file in `dataset_dir`
-    (downloaded if missing). D4RL: no validation split (val None). Raises DatasetError with the fix."""
+    """(env, train, val): the environment and dicts of numpy arrays (KEYS) from `dataset_path` (and its -val.npz;
+    generated if missing and `generate_episodes` > 0), else OGBench's files in `dataset_dir` (downloaded if missing).
+    D4RL: no validation split (val None). Raises DatasetError with the fix."""
     if "/" in env_name:
         d4rl = optional("d4rl", "a D4RL id")
         env, train, val = d4rl.load_env_and_datasets(env_name, dataset_path, generate_episodes)

@@ -6,14 +6,13 @@ function `make_env_and_datasets` calls for state datasets (common/datasets.py).
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from common.datasets import (ACTION_CLIP_EPS, DatasetError, check_finite, check_shapes, generation_command, make_env,
-                             npz_header, resolve_files, single_task_gym_id, val_path)
+from common.datasets import (ACTION_CLIP_EPS, DatasetError, available_memory, check_finite, check_shapes,  # noqa: F401
+                             generation_command, make_env, npz_header, resolve_files, single_task_gym_id, val_path)
 
 WORKING_MEMORY = 2 * 2**30  # kept free next to the frames for the networks, optimizer state and activations
 
@@ -37,19 +36,6 @@ def _read_rows(path: Path, key: str, rows: int, out=None, chunk_bytes: int = 2**
             chunk = np.frombuffer(f.read(n * row_bytes), dtype=dtype).reshape(n, *shape[1:])
             out[start : start + n].copy_(torch.from_numpy(chunk.copy()))
         return out
-
-
-def available_memory(device) -> int:
-    """Bytes free on `device`: free CUDA memory, or the host's MemAvailable for the CPU."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _kept_frames(terminals: np.ndarray, fraction: float) -> int:

@@ -17,7 +17,7 @@ from tools import copies
 # What a user copies (the script and the helper files it imports at module level), at most; the helper alone, at most.
 # The helper's budgets are the product's (200 / 200 / 350). The totals' are not yet: the product asks for 850 / 1,000
 # / 1,100, and the scripts holding their whole run with the reliability contract of docs/reliability.md came to
-# 952 / 1,118 / 1,198 lines (docs/deviations.md, "the one-file rewrite"). These ceilings keep them from growing.
+# 952 / 1,118 / 1,184 lines (docs/deviations.md, "the one-file rewrite"). These ceilings keep them from growing.
 BUDGETS = {"deflow_offline.py": (952, 200), "deflow_o2o.py": (1118, 200), "deflow_pixels.py": (1198, 350)}
 ENV = "cube-single-play-singletask-task1-v0"
 

@@ -56,10 +56,12 @@ def definitions(text: str) -> dict[str, tuple[int, int]]:
 def check(copy: str, fix: bool = False) -> list[str]:
     """The problems of one script's marked copies (fixed in place with fix=True, where a source has the name)."""
     lines = (ROOT / copy).read_text().split("\n")
-    spans, problems, replacements = definitions("\n".join(lines)), [], []
+    spans, problems, replacements, sources = definitions("\n".join(lines)), [], [], {}
     for name, source in marked_names(lines).items():
-        source_lines = (ROOT / source).read_text().split("\n")
-        source_spans = definitions("\n".join(source_lines))
+        if source not in sources:
+            text = (ROOT / source).read_text()
+            sources[source] = text.split("\n"), definitions(text)
+        source_lines, source_spans = sources[source]
         if name not in spans or name not in source_spans:
             problems.append(f"{copy}: '{name}' is marked as copied from {source}, but "
                             f"{'it has' if name in spans else copy + ' has'} no top-level '{name}'")
