@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import json
 import sys
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -318,7 +317,6 @@ def aggregates(by_group: dict, metric: str, out: Path) -> tuple[list[dict], list
     import matplotlib.pyplot as plt
     from rliable import library as rly, metrics, plot_utils
 
-    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # rliable passes one to arch
 
     finals = defaultdict(dict)  # group -> task -> {seed: final score}
     for (label, task), runs in by_group.items():
@@ -331,8 +329,8 @@ def aggregates(by_group: dict, metric: str, out: Path) -> tuple[list[dict], list
 
     scores = {label: matrix(label, sorted(tasks)) for label, tasks in sorted(finals.items())}
     scores = {label: m for label, m in scores.items() if m.size}
-    point, ci = rly.get_interval_estimates(scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=50000,
-                                           random_state=np.random.RandomState(0))
+    np.random.seed(0)  # rliable's bootstraps draw from numpy's global generator, whatever random_state says
+    point, ci = rly.get_interval_estimates(scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=50000)
     iqms = [{"group": label, "iqm": point[label][0], "low": ci[label][0, 0], "high": ci[label][1, 0],
              "tasks": m.shape[1], "seeds": m.shape[0]} for label, m in scores.items()]
     pairs = {}
@@ -343,8 +341,7 @@ def aggregates(by_group: dict, metric: str, out: Path) -> tuple[list[dict], list
                 pairs[f"{first} > {second}"] = [matrix(first, shared), matrix(second, shared)]
     improvements = []
     if pairs:
-        point, ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=2000,
-                                               random_state=np.random.RandomState(0))
+        point, ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=2000)
         improvements = [{"pair": key, "probability": float(point[key]), "low": float(np.ravel(ci[key])[0]),
                          "high": float(np.ravel(ci[key])[1]), "tasks": pairs[key][0].shape[1],
                          "seeds": f"{len(pairs[key][0])} / {len(pairs[key][1])}"} for key in pairs]
@@ -352,7 +349,6 @@ def aggregates(by_group: dict, metric: str, out: Path) -> tuple[list[dict], list
     low, high = (min(0.0, values.min()), max(100.0, values.max())) if metric == "score" else (values.min(),
                                                                                              values.max())
     taus = np.linspace(low, high, 101)
-    np.random.seed(0)  # create_performance_profile's bootstrap draws from numpy's global generator
     profiles, bands = rly.create_performance_profile(scores, taus, reps=2000)
     fig, ax = plt.subplots(figsize=(6, 4))
     plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=bands, ax=ax,
@@ -416,6 +412,12 @@ def signed(value: float) -> str:
     return f"{round(value, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
 
 
+def section(intro: str, header: list[str], rows: list[list]) -> list[str]:
+    """A paragraph and a markdown table under it."""
+    return ["", intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def write_table(rows: list[dict], out: Path, metric: str = "score", gains=(), diffs=(), settled=(), iqms=(),
                 improvements=()) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -431,37 +433,35 @@ def write_table(rows: list[dict], out: Path, metric: str = "score", gains=(), di
         lines.append(f"| {row['group']} | {name} | {spread(row)} | {row['seeds']} | {row['final_step']} | "
                      f"{row.get('every_seed', '')} |")
     if diffs:
-        lines += ["", f"Differences between groups: the first's mean final {what} minus the second's, per environment, "
-                  "with a 95% Welch interval over seeds.", "",
-                  "| environment | first | second | difference | 95% interval | seeds |", "|---|---|---|---|---|---|"]
-        lines += [f"| {d['name']} | {d['first']} | {d['second']} | {signed(d['difference'])} | {interval(d)} | "
-                  f"{d['seeds']} |" for d in diffs]
+        lines += section(f"Differences between groups: the first's mean final {what} minus the second's, per "
+                         "environment, with a 95% Welch interval over seeds.",
+                         ["environment", "first", "second", "difference", "95% interval", "seeds"],
+                         [[d["name"], d["first"], d["second"], signed(d["difference"]), interval(d), d["seeds"]]
+                          for d in diffs])
     if settled:
-        lines += ["", f"The last three evaluations: the mean {what} over seeds at each, and the slope through them per "
-                  "10,000 updates (each seed's least-squares slope; mean and 95% t interval over seeds). An interval "
-                  "that holds 0: no trend beyond the noise.", "",
-                  "| environment | group | at updates | means | slope per 10k updates | 95% interval | seeds |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['group']} | {r['steps']} | {r['means']} | {signed(r['slope'])} | {interval(r)} "
-                  f"| {r['seeds']} |" for r in settled]
+        lines += section(f"The last three evaluations: the mean {what} over seeds at each, and the slope through them "
+                         "per 10,000 updates (each seed's least-squares slope; mean and 95% t interval over seeds). An "
+                         "interval that holds 0: no trend beyond the noise.",
+                         ["environment", "group", "at updates", "means", "slope per 10k updates", "95% interval",
+                          "seeds"], [[r["name"], r["group"], r["steps"], r["means"], signed(r["slope"]), interval(r),
+                                      r["seeds"]] for r in settled])
     if iqms:
-        lines += ["", f"Aggregates over tasks (rliable): the interquartile mean of the final {what}s (seeds x tasks) "
-                  "with a 95% stratified-bootstrap interval; the probability that the first group's score on a task "
-                  "beats the second's, averaged over the tasks both have, with its 95% interval.", "",
-                  "| group | IQM | 95% interval | tasks | seeds |", "|---|---|---|---|---|"]
-        lines += [f"| {r['group']} | {r['iqm']:.1f} | [{r['low']:.1f}, {r['high']:.1f}] | {r['tasks']} | "
-                  f"{r['seeds']} |" for r in iqms]
-        lines += ["", "| first > second | probability of improvement | 95% interval | tasks | seeds |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['pair']} | {r['probability']:.2f} | [{r['low']:.2f}, {r['high']:.2f}] | {r['tasks']} | "
-                  f"{r['seeds']} |" for r in improvements]
+        lines += section(f"Aggregates over tasks (rliable): the interquartile mean of the final {what}s (seeds x "
+                         "tasks) with a 95% stratified-bootstrap interval; the probability that the first group's score "
+                         "on a task beats the second's, averaged over the tasks both have, with its 95% interval.",
+                         ["group", "IQM", "95% interval", "tasks", "seeds"],
+                         [[r["group"], f"{r['iqm']:.1f}", f"[{r['low']:.1f}, {r['high']:.1f}]", r["tasks"], r["seeds"]]
+                          for r in iqms])
+        lines += section("", ["first > second", "probability of improvement", "95% interval", "tasks", "seeds"],
+                         [[r["pair"], f"{r['probability']:.2f}", f"[{r['low']:.2f}, {r['high']:.2f}]", r["tasks"],
+                           r["seeds"]] for r in improvements])[2:]
     if gains:
-        lines += ["", "Online gain: the o2o run's final score minus the control's, per seed (95% paired t interval).",
-                  "", "| o2o | control | task | at update | gain (mean +- std over seeds) | 95% interval | seeds | "
-                  "seed: o2o - control |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {g['o2o']} | {g['control']} | {g['name']} | {g['at_update']} | {signed(g['mean'])} +- "
-                  + ("n/a" if np.isnan(g["std"]) else f"{g['std']:.1f}")
-                  + f" | {interval(g)} | {g['seeds']} | {g['every_seed']} |" for g in gains]
+        lines += section("Online gain: the o2o run's final score minus the control's, per seed (95% paired t interval).",
+                         ["o2o", "control", "task", "at update", "gain (mean +- std over seeds)", "95% interval",
+                          "seeds", "seed: o2o - control"],
+                         [[g["o2o"], g["control"], g["name"], g["at_update"], f"{signed(g['mean'])} +- "
+                           + ("n/a" if np.isnan(g["std"]) else f"{g['std']:.1f}"), interval(g), g["seeds"],
+                           g["every_seed"]] for g in gains])
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
