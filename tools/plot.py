@@ -81,6 +81,9 @@ def official_args(flags: dict) -> dict:
     return {**flags.get("agent", {}), **top, "exp_name": "official"}
 
 
+EVALUATIONS = ("code", "task", "seed", "step", "success", "episode_return", "episode_length")
+
+
 def score(row: dict, metric: str, prefix: str = "evaluation/") -> float:
     """An evaluation's score: the return (metric "return"), else the D4RL normalized return or the success x 100."""
     if metric == "return":
@@ -96,9 +99,6 @@ def read_eval(path: Path, metric: str = "score") -> tuple[np.ndarray, np.ndarray
     flat = [{"step": int(r["step"]), **{c: r.get("evaluation/" + c.replace("_", ".")) for c in EVALUATIONS[4:]}}
             for r in rows]
     return np.array([int(r["step"]) for r in rows], dtype=int), np.array([score(r, metric) for r in rows]), flat
-
-
-EVALUATIONS = ("code", "task", "seed", "step", "success", "episode_return", "episode_length")
 
 
 def read_table(path: Path, metric: str) -> list[Run]:
@@ -316,7 +316,6 @@ def aggregates(by_group: dict, metric: str, out: Path) -> tuple[list[dict], list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from rliable import library as rly, metrics, plot_utils
-
 
     finals = defaultdict(dict)  # group -> task -> {seed: final score}
     for (label, task), runs in by_group.items():
