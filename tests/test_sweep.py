@@ -209,8 +209,8 @@ def test_official_runs_plot_beside_this_codes(small_sweep, tmp_path):
 
 def test_a_table_of_evaluations_cut_at_an_update_with_rliables_aggregates(tmp_path):
     """A CSV of evaluations (docs/study-evaluations.csv's columns) read as runs, cut at an update, one group left out,
-    by success and by return, and written back; the IQM, the probability of improvement and the last three evaluations' slope equal
-    a hand computation, and the aggregates' intervals hold them."""
+    by success and by return, and written back; the IQM, the probability of improvement and the last three
+    evaluations' slope equal a hand computation, and the aggregates' intervals hold them."""
     rng = np.random.default_rng(0)
     tasks, steps, table = ["cube-single-play-singletask-task1-v0", "scene-play-singletask-task1-v0"], [1, 10, 20, 30], {}
     rows = ["part,code,task,seed,step,success,episode_return,episode_length"]
