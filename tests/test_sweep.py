@@ -212,7 +212,8 @@ def test_a_table_of_evaluations_cut_at_an_update_with_rliables_aggregates(tmp_pa
     by success and by return, and written back; the IQM, the probability of improvement and the last three
     evaluations' slope equal a hand computation, and the aggregates' intervals hold them."""
     rng = np.random.default_rng(0)
-    tasks, steps, table = ["cube-single-play-singletask-task1-v0", "scene-play-singletask-task1-v0"], [1, 10, 20, 30], {}
+    tasks = ["cube-single-play-singletask-task1-v0", "scene-play-singletask-task1-v0"]
+    steps, table = [1, 10, 20, 30], {}
     rows = ["part,code,task,seed,step,success,episode_return,episode_length"]
     for part, code in (("offline", "ours"), ("offline", "official"), ("control", "ours")):
         for task in tasks:

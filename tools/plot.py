@@ -425,7 +425,8 @@ def write_table(rows: list[dict], out: Path, metric: str = "score", gains=(), di
         writer.writeheader()
         writer.writerows(rows)
     what = "score" if metric == "score" else "episode return"
-    lines = [f"| group | task or environment | final {what} (mean +- std over seeds) | seeds | at update | every seed |",
+    lines = [f"| group | task or environment | final {what} (mean +- std over seeds) | seeds | at update | "
+             "every seed |",
              "|---|---|---|---|---|---|"]
     for row in rows:
         name = row["name"] if row["level"] == "task" else f"**{row['name']}** (mean of its tasks)"
@@ -446,8 +447,9 @@ def write_table(rows: list[dict], out: Path, metric: str = "score", gains=(), di
                                       r["seeds"]] for r in settled])
     if iqms:
         lines += section(f"Aggregates over tasks (rliable): the interquartile mean of the final {what}s (seeds x "
-                         "tasks) with a 95% stratified-bootstrap interval; the probability that the first group's score "
-                         "on a task beats the second's, averaged over the tasks both have, with its 95% interval.",
+                         "tasks) with a 95% stratified-bootstrap interval; the probability that the first group's "
+                         "score on a task beats the second's, averaged over the tasks both have, with its 95% "
+                         "interval.",
                          ["group", "IQM", "95% interval", "tasks", "seeds"],
                          [[r["group"], f"{r['iqm']:.1f}", f"[{r['low']:.1f}, {r['high']:.1f}]", r["tasks"], r["seeds"]]
                           for r in iqms])
@@ -455,7 +457,8 @@ def write_table(rows: list[dict], out: Path, metric: str = "score", gains=(), di
                          [[r["pair"], f"{r['probability']:.2f}", f"[{r['low']:.2f}, {r['high']:.2f}]", r["tasks"],
                            r["seeds"]] for r in improvements])[2:]
     if gains:
-        lines += section("Online gain: the o2o run's final score minus the control's, per seed (95% paired t interval).",
+        lines += section("Online gain: the o2o run's final score minus the control's, per seed (95% paired t "
+                         "interval).",
                          ["o2o", "control", "task", "at update", "gain (mean +- std over seeds)", "95% interval",
                           "seeds", "seed: o2o - control"],
                          [[g["o2o"], g["control"], g["name"], g["at_update"], f"{signed(g['mean'])} +- "
@@ -481,7 +484,8 @@ def main(args: Args) -> None:
     iqms, improvements = aggregates(by_group, args.metric, out) if args.iqm else ((), ())
     write_table(final_table(by_group, curves), out, args.metric, online_gain(by_group), differences(curves),
                 settling(curves), iqms, improvements)
-    print(f"{sum(map(len, by_group.values()))} runs in {len(by_group)} groups of (flags, task): wrote {out / 'curves.png'}, "
+    print(f"{sum(map(len, by_group.values()))} runs in {len(by_group)} groups of (flags, task): wrote "
+          f"{out / 'curves.png'}, "
           f"{out / 'results.md'}, {out / 'results.csv'}")
     print((out / "results.md").read_text())
 
