@@ -404,7 +404,7 @@ def online_gain(by_group: dict) -> list[dict]:
 
 
 def interval(row: dict) -> str:
-    return "n/a" if np.isnan(row["low"]) else f"[{row['low'] + 0.0:+.1f}, {row['high'] + 0.0:+.1f}]"
+    return "n/a" if np.isnan(row["low"]) else f"[{signed(row['low'])}, {signed(row['high'])}]"
 
 
 def signed(value: float) -> str:

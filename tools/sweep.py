@@ -219,17 +219,17 @@ def run(args: Args, jobs: list[Job]) -> int:
     slots = local_resources(args.jobs) if args.executor == "local" else []
     done, failed, last_line = len(jobs) - len(todo), [], None
     while waiting or active:
-        busy = {slot for *_, slot in active}
-        for slot in [s for s in range(args.jobs) if s not in busy][: len(waiting)]:  # local: fill the free slots
-            job = waiting.pop(0)
-            handle = executor.submit(run_job, job.command, str(job.job_dir), slots[slot], job.copy_from)
-            active.append((handle, job, slot))
         for entry in [entry for entry in active if entry[0].done()]:
             active.remove(entry)
             if succeeded(entry[0]):
                 done += 1
             else:
                 failed.append(entry[1])
+        busy = {slot for *_, slot in active}
+        for slot in [s for s in range(args.jobs) if s not in busy][: len(waiting)]:  # local: refill at once
+            job = waiting.pop(0)
+            handle = executor.submit(run_job, job.command, str(job.job_dir), slots[slot], job.copy_from)
+            active.append((handle, job, slot))
         counts = {"done": done, "running": len(active), "failed": len(failed), "waiting": len(waiting)}
         if args.executor == "slurm":  # SLURM knows which ones run; without accounting (sacct) it may not say
             states = [handle.state for handle, *_ in active]
