@@ -215,11 +215,12 @@ def environment_curves(by_group: dict) -> dict[str, dict[str, tuple[np.ndarray, 
     return dict(out)
 
 
-def plot_curves(curves: dict, path: Path):
+def plot_curves(curves: dict, path: Path, metric: str = "score"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     envs = sorted(curves)
     columns = min(3, len(envs))
@@ -236,7 +237,8 @@ def plot_curves(curves: dict, path: Path):
                             color=line.get_color(), alpha=0.2)
         ax.set_title(env)
         ax.set_xlabel("updates")
-        ax.set_ylabel("score (success % or normalized return)")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))  # 20k, not 20000
+        ax.set_ylabel("score (success % or normalized return)" if metric == "score" else "episode return")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(envs):]:
@@ -478,7 +480,7 @@ def main(args: Args) -> None:
     out = Path(args.out or (first.parent if first.suffix == ".csv" else first))
     out.mkdir(parents=True, exist_ok=True)
     curves = environment_curves(by_group)
-    plot_curves(curves, out / "curves.png")
+    plot_curves(curves, out / "curves.png", args.metric)
     if args.evaluations:
         write_evaluations(by_group, out / "evaluations.csv")
     iqms, improvements = aggregates(by_group, args.metric, out) if args.iqm else ((), ())
